@@ -1,0 +1,265 @@
+//! The `raftvm` command line: `serve`, and client commands that talk to a cluster's admin
+//! API with etcdctl-style `--endpoints`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::json;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::config::ServeConfig;
+use crate::proto::admin::admin_client::AdminClient;
+use crate::proto::admin::*;
+
+#[derive(Parser)]
+#[command(name = "raftvm", version, about = "A Raft cluster of WebAssembly state machines, speaking etcd's v3 API")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run a cluster member (etcd's flags).
+    Serve(ServeConfig),
+    /// Install, list and remove state-machine modules.
+    #[command(subcommand)]
+    Module(ModuleCommand),
+    /// Apply a command through a machine (replicated); prints the machine's response.
+    Call {
+        machine: String,
+        payload: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Run a read-only query on a machine (linearizable unless --serializable).
+    Query {
+        machine: String,
+        payload: String,
+        #[arg(long)]
+        serializable: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print each endpoint's state hashes, to compare replicas.
+    Hash {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print each endpoint's Raft status.
+    Status {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ModuleCommand {
+    /// Validate and install (or upgrade) a module under NAME.
+    Install {
+        name: String,
+        file: PathBuf,
+        /// Per-command fuel budget (default 500M).
+        #[arg(long, default_value_t = 0)]
+        fuel: u64,
+        /// Linear-memory cap in MiB (default 128).
+        #[arg(long, default_value_t = 0)]
+        memory_mb: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List installed modules.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Remove a module and all of its state.
+    Remove {
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum WriteOut {
+    Simple,
+    Json,
+}
+
+#[derive(Args, Clone)]
+pub struct ClientArgs {
+    /// gRPC endpoints (comma separated).
+    #[arg(long, default_value = "127.0.0.1:2379", global = true)]
+    pub endpoints: String,
+    /// Timeout for short running command (excluding dial timeout).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, global = true)]
+    pub command_timeout: Duration,
+    /// Dial timeout for client connections.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration, global = true)]
+    pub dial_timeout: Duration,
+    /// Output format: simple or json.
+    #[arg(short = 'w', long, value_enum, default_value = "simple", global = true)]
+    pub write_out: WriteOut,
+}
+
+impl ClientArgs {
+    fn endpoints(&self) -> Vec<String> {
+        self.endpoints
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|e| if e.contains("://") { e.to_string() } else { format!("http://{e}") })
+            .collect()
+    }
+
+    async fn connect_to(&self, ep: &str) -> Result<AdminClient<Channel>> {
+        let ch = Endpoint::from_shared(ep.to_string())?
+            .connect_timeout(self.dial_timeout)
+            .timeout(self.command_timeout)
+            .connect()
+            .await
+            .with_context(|| format!("connecting to {ep}"))?;
+        Ok(AdminClient::new(ch).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX))
+    }
+
+    /// The first endpoint that accepts a connection.
+    async fn connect(&self) -> Result<AdminClient<Channel>> {
+        let mut last = anyhow!("no endpoints given");
+        for ep in self.endpoints() {
+            match self.connect_to(&ep).await {
+                Ok(c) => return Ok(c),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+}
+
+fn status_err(s: tonic::Status) -> anyhow::Error {
+    anyhow!("{}", s.message())
+}
+
+pub async fn run_client(cmd: Command) -> Result<()> {
+    match cmd {
+        Command::Serve(_) => unreachable!("handled by main"),
+        Command::Module(ModuleCommand::Install { name, file, fuel, memory_mb, client }) => {
+            let wasm = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let r = client
+                .connect()
+                .await?
+                .install_module(InstallModuleRequest { name: name.clone(), wasm, fuel, memory_bytes: memory_mb * 1024 * 1024 })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            println!("installed {name} sha256={}", r.sha256);
+        }
+        Command::Module(ModuleCommand::List { client }) => {
+            let r = client.connect().await?.list_modules(ListModulesRequest { serializable: false }).await.map_err(status_err)?;
+            let modules = r.into_inner().modules;
+            if client.write_out == WriteOut::Json {
+                let v: Vec<_> = modules
+                    .iter()
+                    .map(|m| json!({"name": m.name, "sha256": m.sha256, "size": m.size, "fuel": m.fuel,
+                                    "memory_bytes": m.memory_bytes, "installed_index": m.installed_index}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for m in modules {
+                    println!("{}\t{}\t{}", m.name, m.sha256, m.size);
+                }
+            }
+        }
+        Command::Module(ModuleCommand::Remove { name, client }) => {
+            client.connect().await?.remove_module(RemoveModuleRequest { name: name.clone() }).await.map_err(status_err)?;
+            println!("removed {name}");
+        }
+        Command::Call { machine, payload, client } => {
+            let r = client
+                .connect()
+                .await?
+                .call(CallRequest { machine, payload: payload.into_bytes() })
+                .await
+                .map_err(status_err)?;
+            println!("{}", String::from_utf8_lossy(&r.into_inner().output));
+        }
+        Command::Query { machine, payload, serializable, client } => {
+            let r = client
+                .connect()
+                .await?
+                .query(QueryRequest { machine, payload: payload.into_bytes(), serializable })
+                .await
+                .map_err(status_err)?;
+            println!("{}", String::from_utf8_lossy(&r.into_inner().output));
+        }
+        Command::Hash { client } => {
+            let mut rows = Vec::new();
+            let mut failed = false;
+            for ep in client.endpoints() {
+                let r = async { client.connect_to(&ep).await?.hash(HashRequest {}).await.map_err(status_err) }.await;
+                match r {
+                    Ok(h) => {
+                        let h = h.into_inner();
+                        let machines: std::collections::BTreeMap<_, _> = h.machines.into_iter().collect();
+                        rows.push(json!({"endpoint": ep, "applied_index": h.applied_index,
+                                         "store_hash": h.store_hash, "machines": machines}));
+                    }
+                    Err(e) => {
+                        failed = true;
+                        eprintln!("{ep}: {e:#}");
+                    }
+                }
+            }
+            print_rows(&client, &rows, &["endpoint", "applied_index", "store_hash"])?;
+            if failed {
+                bail!("some endpoints failed");
+            }
+        }
+        Command::Status { client } => {
+            let mut rows = Vec::new();
+            let mut failed = false;
+            for ep in client.endpoints() {
+                let r = async { client.connect_to(&ep).await?.status(StatusRequest {}).await.map_err(status_err) }.await;
+                match r {
+                    Ok(s) => {
+                        let s = s.into_inner();
+                        let leader = if s.leader_id == 0 { String::new() } else { format!("{:x}", s.leader_id) };
+                        rows.push(json!({"endpoint": ep, "member_id": format!("{:x}", s.member_id), "name": s.name,
+                            "leader_id": leader, "is_leader": s.leader_id == s.member_id, "term": s.term,
+                            "last_log_index": s.last_log_index, "applied_index": s.applied_index,
+                            "cluster_id": format!("{:x}", s.cluster_id)}));
+                    }
+                    Err(e) => {
+                        failed = true;
+                        eprintln!("{ep}: {e:#}");
+                    }
+                }
+            }
+            print_rows(&client, &rows, &["endpoint", "member_id", "name", "is_leader", "term", "applied_index"])?;
+            if failed {
+                bail!("some endpoints failed");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_rows(client: &ClientArgs, rows: &[serde_json::Value], cols: &[&str]) -> Result<()> {
+    if client.write_out == WriteOut::Json {
+        println!("{}", serde_json::to_string(rows)?);
+    } else {
+        for r in rows {
+            let line: Vec<String> = cols
+                .iter()
+                .map(|c| match &r[*c] {
+                    serde_json::Value::String(s) => s.clone(),
+                    v => v.to_string(),
+                })
+                .collect();
+            println!("{}", line.join(", "));
+        }
+    }
+    Ok(())
+}

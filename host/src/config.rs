@@ -1,0 +1,209 @@
+//! Server configuration with etcd's flag names, defaults and config-file keys.
+//!
+//! As in etcd, when `--config-file` is given the file is the whole configuration and the
+//! other command-line flags are ignored (with a warning).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::types::{Member, NodeId};
+
+#[derive(Debug, Clone, Args, Deserialize)]
+#[serde(rename_all = "kebab-case", default)]
+pub struct ServeConfig {
+    /// Human-readable name for this member.
+    #[arg(long, default_value = "default")]
+    pub name: String,
+    /// Path to the data directory (default: ${name}.etcd).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// List of URLs to listen on for client traffic.
+    #[arg(long, default_value = "http://localhost:2379")]
+    pub listen_client_urls: String,
+    /// List of this member's client URLs to advertise to the public.
+    #[arg(long, default_value = "http://localhost:2379")]
+    pub advertise_client_urls: String,
+    /// List of URLs to listen on for peer traffic.
+    #[arg(long, default_value = "http://localhost:2380")]
+    pub listen_peer_urls: String,
+    /// List of this member's peer URLs to advertise to the rest of the cluster.
+    #[arg(long, default_value = "http://localhost:2380")]
+    pub initial_advertise_peer_urls: String,
+    /// Initial cluster configuration for bootstrapping (name=peer-url,...).
+    #[arg(long, default_value = "default=http://localhost:2380")]
+    pub initial_cluster: String,
+    /// Initial cluster state ('new' or 'existing').
+    #[arg(long, default_value = "new")]
+    pub initial_cluster_state: String,
+    /// Initial cluster token for the cluster during bootstrap.
+    #[arg(long, default_value = "etcd-cluster")]
+    pub initial_cluster_token: String,
+    /// Number of committed transactions to trigger a snapshot to disk.
+    #[arg(long, default_value_t = 100_000)]
+    pub snapshot_count: u64,
+    /// Time (in milliseconds) of a heartbeat interval.
+    #[arg(long, default_value_t = 100)]
+    pub heartbeat_interval: u64,
+    /// Time (in milliseconds) for an election to timeout.
+    #[arg(long, default_value_t = 1000)]
+    pub election_timeout: u64,
+    /// Maximum client request size in bytes the server will accept.
+    #[arg(long, default_value_t = 1536 * 1024)]
+    pub max_request_bytes: u64,
+    /// Path to the server configuration file (YAML with etcd's keys).
+    #[arg(long)]
+    #[serde(skip)]
+    pub config_file: Option<PathBuf>,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Wrap {
+            #[command(flatten)]
+            c: ServeConfig,
+        }
+        Wrap::parse_from(["raftvm"]).c
+    }
+}
+
+impl ServeConfig {
+    /// Apply `--config-file` if given.
+    pub fn resolve(self) -> Result<Self> {
+        let Some(path) = self.config_file.clone() else { return Ok(self) };
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let mut c: ServeConfig =
+            serde_yaml_ng::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))?;
+        c.config_file = Some(path);
+        Ok(c)
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(|| PathBuf::from(format!("{}.etcd", self.name)))
+    }
+
+    pub fn members(&self) -> Result<BTreeMap<NodeId, Member>> {
+        let mut out = BTreeMap::new();
+        for part in self.initial_cluster.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let Some((name, url)) = part.split_once('=') else {
+                bail!("--initial-cluster: {part:?} is not name=peer-url");
+            };
+            let id = member_id(name, url, &self.initial_cluster_token);
+            let m = Member { name: name.to_string(), peer_url: url.to_string() };
+            if out.insert(id, m).is_some() {
+                bail!("--initial-cluster: duplicate member {part:?}");
+            }
+        }
+        if out.is_empty() {
+            bail!("--initial-cluster is empty");
+        }
+        Ok(out)
+    }
+
+    /// This member's id, as found in `--initial-cluster`.
+    pub fn my_id(&self) -> Result<NodeId> {
+        let members = self.members()?;
+        let mine: Vec<_> = members.iter().filter(|(_, m)| m.name == self.name).collect();
+        match mine.as_slice() {
+            [(id, m)] => {
+                let adv = first_url(&self.initial_advertise_peer_urls)?;
+                if m.peer_url != adv {
+                    bail!(
+                        "--initial-cluster has {}={} but --initial-advertise-peer-urls is {adv}",
+                        self.name,
+                        m.peer_url
+                    );
+                }
+                Ok(**id)
+            }
+            [] => bail!("couldn't find local name {:?} in the initial cluster configuration", self.name),
+            _ => bail!("name {:?} appears more than once in --initial-cluster", self.name),
+        }
+    }
+
+    pub fn cluster_id(&self) -> Result<u64> {
+        let mut h = Sha256::new();
+        for (id, _) in self.members()? {
+            h.update(id.to_be_bytes());
+        }
+        h.update(self.initial_cluster_token.as_bytes());
+        Ok(u64::from_be_bytes(h.finalize()[..8].try_into().expect("8 bytes")))
+    }
+}
+
+/// A member id from its name, peer URL and the cluster token (never 0).
+pub fn member_id(name: &str, peer_url: &str, token: &str) -> NodeId {
+    let mut h = Sha256::new();
+    for part in [name, peer_url, token] {
+        h.update(part.as_bytes());
+        h.update([0]);
+    }
+    u64::from_be_bytes(h.finalize()[..8].try_into().expect("8 bytes")).max(1)
+}
+
+pub fn first_url(list: &str) -> Result<String> {
+    list.split(',').map(str::trim).find(|s| !s.is_empty()).map(str::to_string).context("empty URL list")
+}
+
+/// `http://host:port` → a socket address to bind; `localhost` binds 127.0.0.1.
+pub fn bind_addr(url: &str) -> Result<std::net::SocketAddr> {
+    let uri: http::Uri = url.parse().with_context(|| format!("bad URL {url:?}"))?;
+    match uri.scheme_str() {
+        Some("http") | None => {}
+        Some(s) => bail!("URL {url:?}: scheme {s:?} is not supported yet (use http)"),
+    }
+    let host = uri.host().with_context(|| format!("URL {url:?} has no host"))?;
+    let port = uri.port_u16().with_context(|| format!("URL {url:?} has no port"))?;
+    let host = if host == "localhost" { "127.0.0.1" } else { host.trim_start_matches('[').trim_end_matches(']') };
+    let ip: std::net::IpAddr = host.parse().with_context(|| format!("URL {url:?}: host must be an IP address or localhost"))?;
+    Ok(std::net::SocketAddr::new(ip, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_etcd() {
+        let c = ServeConfig::default();
+        assert_eq!(c.name, "default");
+        assert_eq!(c.data_dir(), PathBuf::from("default.etcd"));
+        assert_eq!(bind_addr(&c.listen_client_urls).unwrap().to_string(), "127.0.0.1:2379");
+        assert_eq!(bind_addr(&c.listen_peer_urls).unwrap().to_string(), "127.0.0.1:2380");
+        assert_eq!(c.members().unwrap().len(), 1);
+        c.my_id().unwrap();
+    }
+
+    #[test]
+    fn config_file_uses_etcd_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.yml");
+        std::fs::write(
+            &p,
+            "name: n2\ndata-dir: /tmp/x\ninitial-cluster: n1=http://127.0.0.1:1,n2=http://127.0.0.1:2\n\
+             initial-advertise-peer-urls: http://127.0.0.1:2\nsnapshot-count: 7\n",
+        )
+        .unwrap();
+        let c = ServeConfig { config_file: Some(p), ..ServeConfig::default() }.resolve().unwrap();
+        assert_eq!(c.name, "n2");
+        assert_eq!(c.snapshot_count, 7);
+        assert_eq!(c.members().unwrap().len(), 2);
+        let id = c.my_id().unwrap();
+        assert_eq!(id, member_id("n2", "http://127.0.0.1:2", "etcd-cluster"));
+        assert_eq!(c.heartbeat_interval, 100, "unset keys keep etcd's defaults");
+    }
+
+    #[test]
+    fn bad_cluster_specs_are_refused() {
+        let c = ServeConfig { initial_cluster: "x".into(), ..ServeConfig::default() };
+        assert!(c.members().is_err());
+        let c = ServeConfig { name: "other".into(), ..ServeConfig::default() };
+        assert!(c.my_id().unwrap_err().to_string().contains("couldn't find local name"));
+    }
+}

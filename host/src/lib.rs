@@ -1,0 +1,33 @@
+//! raftvm: a Raft cluster that replicates opaque commands and applies them through
+//! WebAssembly state machines.
+//!
+//! # Layout
+//! - [`config`]: etcd-compatible server flags and config file.
+//! - [`types`]: what goes into the Raft log (`Request`) and comes out (`Response`).
+//! - [`storage`]: the RocksDB state store and the per-batch/per-command write sets.
+//! - [`runtime`]: wasmtime: validation, compiled-module cache, host imports, limits.
+//!   Never sees openraft.
+//! - [`raft`]: openraft glue: RocksDB log store, the state-machine driver, peer network.
+//!   Never sees wasmtime (it calls [`runtime::Runtime`]).
+//! - [`node`]: the facade services use: propose (with forwarding), read-index, query.
+//! - [`api`]: gRPC services on the client URL and the error → status mapping.
+//! - [`server`]: wiring and lifecycle; [`cli`]: the command line.
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod node;
+pub mod raft;
+pub mod runtime;
+pub mod server;
+pub mod storage;
+pub mod types;
+
+pub mod proto {
+    pub mod peer {
+        tonic::include_proto!("raftvm.peer.v1");
+    }
+    pub mod admin {
+        tonic::include_proto!("raftvm.admin.v1");
+    }
+}

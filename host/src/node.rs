@@ -1,0 +1,254 @@
+//! `Node`: the facade the API services use instead of touching openraft directly.
+//!
+//! - [`Node::propose`] replicates a [`Request`] and returns what applying it produced,
+//!   forwarding to the leader when this node is a follower.
+//! - [`Node::read_barrier`] makes a following local read linearizable (read-index: the
+//!   leader confirms its leadership with a quorum, then this node waits until it has
+//!   applied up to the leader's commit index).
+//! - [`Node::query`] runs a machine's read-only `query` on local state.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use serde::{Deserialize, Serialize};
+
+use crate::proto::peer::{raft_peer_server::RaftPeer, Blob, ReadIndexRequest, ReadIndexResponse};
+use crate::raft::network::peer_client;
+use crate::raft::state_machine::Shared;
+use crate::types::{decode, encode, ApplyError, Member, NodeId, Raft, Request, Response};
+
+#[derive(Debug, Clone, thiserror::Error, Serialize, Deserialize)]
+pub enum NodeError {
+    #[error("etcdserver: no leader")]
+    NoLeader,
+    #[error("etcdserver: request timed out")]
+    Timeout,
+    #[error("etcdserver: leader changed")]
+    LeaderChanged,
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// A follower's forwarded proposal, as answered by the node it reached.
+#[derive(Debug, Serialize, Deserialize)]
+enum ForwardReply {
+    Applied { response: Response, index: u64 },
+    NotLeader,
+    Failed(NodeError),
+}
+
+pub struct Node {
+    pub id: NodeId,
+    pub name: String,
+    pub cluster_id: u64,
+    pub raft: Raft,
+    pub shared: Arc<Shared>,
+    pub request_timeout: Duration,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Give a command the leader's clock; called on the node that appends it to the log.
+fn stamp(mut req: Request) -> Request {
+    if let Request::Call { timestamp_ms, .. } = &mut req {
+        *timestamp_ms = now_ms();
+    }
+    req
+}
+
+impl Node {
+    pub fn leader(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    pub fn member(&self, id: NodeId) -> Option<Member> {
+        self.raft.metrics().borrow().membership_config.membership().get_node(&id).cloned()
+    }
+
+    pub fn term(&self) -> u64 {
+        self.raft.metrics().borrow().current_term
+    }
+
+    /// Wait (bounded by `deadline`) until the known leader is not `old`.
+    async fn await_leader_change(&self, old: Option<NodeId>, deadline: Instant) -> Result<(), NodeError> {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        self.raft
+            .wait(Some(remaining))
+            .metrics(|m| m.current_leader != old && m.current_leader.is_some(), "leader change")
+            .await
+            .map(|_| ())
+            .map_err(|_| if old.is_some() { NodeError::Timeout } else { NodeError::NoLeader })
+    }
+
+    /// Propose `req` on this node, which must be the leader.
+    async fn propose_local(&self, req: Request) -> ForwardReply {
+        match self.raft.client_write(stamp(req)).await {
+            Ok(r) => ForwardReply::Applied { response: r.data, index: r.log_id.index },
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => ForwardReply::NotLeader,
+            Err(e) => ForwardReply::Failed(NodeError::Internal(e.to_string())),
+        }
+    }
+
+    /// Replicate `req` and return what applying it produced (and its log index).
+    pub async fn propose(&self, req: Request) -> Result<(Response, u64), NodeError> {
+        let deadline = Instant::now() + self.request_timeout;
+        loop {
+            let leader = self.leader();
+            let reply = match leader {
+                None => {
+                    self.await_leader_change(None, deadline).await?;
+                    continue;
+                }
+                Some(l) if l == self.id => self.propose_local(req.clone()).await,
+                Some(l) => match self.forward(l, &req).await {
+                    Ok(r) => r,
+                    // The leader could not be reached: it has not seen the command.
+                    Err(()) => ForwardReply::NotLeader,
+                },
+            };
+            match reply {
+                ForwardReply::Applied { response, index } => return Ok((response, index)),
+                ForwardReply::Failed(e) => return Err(e),
+                ForwardReply::NotLeader => {
+                    if Instant::now() >= deadline {
+                        return Err(NodeError::Timeout);
+                    }
+                    self.await_leader_change(leader, deadline).await?;
+                }
+            }
+        }
+    }
+
+    async fn forward(&self, leader: NodeId, req: &Request) -> Result<ForwardReply, ()> {
+        let member = self.member(leader).ok_or(())?;
+        let mut client = peer_client(&member.peer_url).map_err(|_| ())?;
+        let mut r = tonic::Request::new(Blob { data: encode(req) });
+        r.set_timeout(self.request_timeout);
+        match client.forward(r).await {
+            Ok(reply) => decode(&reply.into_inner().data).map_err(|_| ()),
+            // Unavailable: nothing reached the leader (connection refused/reset before the
+            // request), so retrying elsewhere cannot apply the command twice.
+            Err(s) if s.code() == tonic::Code::Unavailable => Err(()),
+            Err(s) => Ok(ForwardReply::Failed(NodeError::Internal(format!("forwarding to the leader: {}", s.message())))),
+        }
+    }
+
+    /// Make the next local read linearizable.
+    pub async fn read_barrier(&self) -> Result<(), NodeError> {
+        let deadline = Instant::now() + self.request_timeout;
+        loop {
+            let leader = self.leader();
+            match leader {
+                None => self.await_leader_change(None, deadline).await?,
+                Some(l) if l == self.id => match self.raft.ensure_linearizable().await {
+                    Ok(_) => return Ok(()),
+                    Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => {}
+                    Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => {
+                        if Instant::now() >= deadline {
+                            return Err(NodeError::Timeout);
+                        }
+                        self.await_leader_change(leader, deadline).await?;
+                    }
+                    Err(e) => return Err(NodeError::Internal(e.to_string())),
+                },
+                Some(l) => {
+                    let index = match self.remote_read_index(l).await {
+                        Some(i) => i,
+                        None => {
+                            if Instant::now() >= deadline {
+                                return Err(NodeError::Timeout);
+                            }
+                            self.await_leader_change(leader, deadline).await?;
+                            continue;
+                        }
+                    };
+                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    return self
+                        .raft
+                        .wait(Some(remaining))
+                        .applied_index_at_least(Some(index), "read index")
+                        .await
+                        .map(|_| ())
+                        .map_err(|_| NodeError::Timeout);
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(NodeError::Timeout);
+            }
+        }
+    }
+
+    async fn remote_read_index(&self, leader: NodeId) -> Option<u64> {
+        let member = self.member(leader)?;
+        let mut client = peer_client(&member.peer_url).ok()?;
+        let mut r = tonic::Request::new(ReadIndexRequest {});
+        r.set_timeout(self.request_timeout);
+        client.read_index(r).await.ok().map(|r| r.into_inner().index)
+    }
+
+    /// Run machine `name`'s `query` on local state (after a barrier if linearizable).
+    pub async fn query(&self, name: &str, request: Vec<u8>, linearizable: bool) -> Result<Result<Vec<u8>, ApplyError>, NodeError> {
+        if linearizable {
+            self.read_barrier().await?;
+        }
+        let shared = self.shared.clone();
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || shared.runtime.query(&name, &shared.db(), &request))
+            .await
+            .map_err(|e| NodeError::Internal(e.to_string()))?
+            .map_err(|e| NodeError::Internal(e.to_string()))
+    }
+}
+
+/// The peer gRPC service: Raft RPCs plus forwarded proposals and read-index.
+pub struct PeerService {
+    pub node: Arc<Node>,
+}
+
+fn bad_blob(e: postcard::Error) -> tonic::Status {
+    tonic::Status::invalid_argument(format!("malformed peer message: {e}"))
+}
+
+#[tonic::async_trait]
+impl RaftPeer for PeerService {
+    async fn append_entries(&self, req: tonic::Request<Blob>) -> Result<tonic::Response<Blob>, tonic::Status> {
+        let rpc = decode(&req.into_inner().data).map_err(bad_blob)?;
+        let r = self.node.raft.append_entries(rpc).await;
+        Ok(tonic::Response::new(Blob { data: encode(&r) }))
+    }
+
+    async fn vote(&self, req: tonic::Request<Blob>) -> Result<tonic::Response<Blob>, tonic::Status> {
+        let rpc = decode(&req.into_inner().data).map_err(bad_blob)?;
+        let r = self.node.raft.vote(rpc).await;
+        Ok(tonic::Response::new(Blob { data: encode(&r) }))
+    }
+
+    async fn install_snapshot(&self, req: tonic::Request<Blob>) -> Result<tonic::Response<Blob>, tonic::Status> {
+        let rpc = decode(&req.into_inner().data).map_err(bad_blob)?;
+        let r = self.node.raft.install_snapshot(rpc).await;
+        Ok(tonic::Response::new(Blob { data: encode(&r) }))
+    }
+
+    async fn forward(&self, req: tonic::Request<Blob>) -> Result<tonic::Response<Blob>, tonic::Status> {
+        let request: Request = decode(&req.into_inner().data).map_err(bad_blob)?;
+        let reply = if self.node.leader() == Some(self.node.id) {
+            self.node.propose_local(request).await
+        } else {
+            ForwardReply::NotLeader
+        };
+        Ok(tonic::Response::new(Blob { data: encode(&reply) }))
+    }
+
+    async fn read_index(
+        &self,
+        _req: tonic::Request<ReadIndexRequest>,
+    ) -> Result<tonic::Response<ReadIndexResponse>, tonic::Status> {
+        match self.node.raft.get_read_log_id().await {
+            Ok((read, _)) => Ok(tonic::Response::new(ReadIndexResponse { index: read.map(|l| l.index).unwrap_or(0) })),
+            Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+        }
+    }
+}

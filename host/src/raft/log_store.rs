@@ -1,0 +1,190 @@
+//! The Raft log and vote in RocksDB.
+//!
+//! Column families: `logs` (big-endian index → postcard entry) and `meta` (`vote`,
+//! `committed`, `purged`). Every append and vote is written with `sync = true` before
+//! openraft is told it is durable, so an acknowledged write survives power loss.
+
+use std::fmt::Debug;
+use std::ops::RangeBounds;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{AnyError, ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, Vote};
+use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+
+use crate::types::{decode, encode, Entry, LogId, NodeId, StorageError, TypeConfig};
+
+const CF_LOGS: &str = "logs";
+const CF_META: &str = "meta";
+
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<DB>,
+}
+
+fn io_err(subject: ErrorSubject<NodeId>, verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError {
+    openraft::StorageIOError::new(subject, verb, AnyError::error(e.to_string())).into()
+}
+
+fn read_err(e: impl std::fmt::Display) -> StorageError {
+    io_err(ErrorSubject::Logs, ErrorVerb::Read, e)
+}
+
+fn write_err(e: impl std::fmt::Display) -> StorageError {
+    io_err(ErrorSubject::Logs, ErrorVerb::Write, e)
+}
+
+fn sync_opts() -> WriteOptions {
+    let mut w = WriteOptions::default();
+    w.set_sync(true);
+    w
+}
+
+impl LogStore {
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        let cfs = [CF_LOGS, CF_META].into_iter().map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+        let db = DB::open_cf_descriptors(&opts, path, cfs).with_context(|| format!("opening raft log {}", path.display()))?;
+        Ok(Self { db: Arc::new(db) })
+    }
+
+    fn logs(&self) -> &rocksdb::ColumnFamily {
+        self.db.cf_handle(CF_LOGS).expect("created at open")
+    }
+
+    fn meta(&self) -> &rocksdb::ColumnFamily {
+        self.db.cf_handle(CF_META).expect("created at open")
+    }
+
+    fn get_meta<T: for<'a> serde::Deserialize<'a>>(&self, key: &str) -> Result<Option<T>, StorageError> {
+        match self.db.get_cf(self.meta(), key).map_err(read_err)? {
+            Some(b) => Ok(Some(decode(&b).map_err(read_err)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn put_meta<T: serde::Serialize>(&self, key: &str, v: &T) -> Result<(), StorageError> {
+        self.db.put_cf_opt(self.meta(), key, encode(v), &sync_opts()).map_err(write_err)
+    }
+}
+
+fn idx(i: u64) -> [u8; 8] {
+    i.to_be_bytes()
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let start = match range.start_bound() {
+            std::ops::Bound::Included(x) => *x,
+            std::ops::Bound::Excluded(x) => *x + 1,
+            std::ops::Bound::Unbounded => 0,
+        };
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.logs(), IteratorMode::From(&idx(start), Direction::Forward)) {
+            let (k, v) = item.map_err(read_err)?;
+            let i = u64::from_be_bytes(k.as_ref().try_into().map_err(read_err)?);
+            if !range.contains(&i) {
+                break;
+            }
+            out.push(decode::<Entry>(&v).map_err(read_err)?);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        let last_purged: Option<LogId> = self.get_meta::<Option<LogId>>("purged")?.flatten();
+        let last = match self.db.iterator_cf(self.logs(), IteratorMode::End).next() {
+            Some(item) => {
+                let (_, v) = item.map_err(read_err)?;
+                Some(decode::<Entry>(&v).map_err(read_err)?.log_id)
+            }
+            None => None,
+        };
+        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last.or(last_purged) })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
+        self.put_meta("vote", vote).map_err(|_| io_err(ErrorSubject::Vote, ErrorVerb::Write, "saving vote"))
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
+        self.get_meta("vote")
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        self.put_meta("committed", &committed)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        Ok(self.get_meta::<Option<LogId>>("committed")?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut wb = WriteBatch::default();
+        for e in entries {
+            wb.put_cf(self.logs(), idx(e.log_id.index), encode(&e));
+        }
+        let r = self.db.write_opt(wb, &sync_opts());
+        let io = r.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string()));
+        callback.log_io_completed(io);
+        r.map_err(write_err)
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let mut wb = WriteBatch::default();
+        wb.delete_range_cf(self.logs(), idx(log_id.index), idx(u64::MAX));
+        self.db.write_opt(wb, &sync_opts()).map_err(write_err)
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        self.put_meta("purged", &Some(log_id))?;
+        let mut wb = WriteBatch::default();
+        wb.delete_range_cf(self.logs(), idx(0), idx(log_id.index + 1));
+        self.db.write_opt(wb, &sync_opts()).map_err(write_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Builder;
+
+    impl openraft::testing::StoreBuilder<TypeConfig, LogStore, crate::raft::state_machine::StateMachineStore, tempfile::TempDir>
+        for Builder
+    {
+        async fn build(
+            &self,
+        ) -> Result<(tempfile::TempDir, LogStore, crate::raft::state_machine::StateMachineStore), StorageError> {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let log = LogStore::open(&dir.path().join("raft")).expect("open log");
+            let sm = crate::raft::state_machine::StateMachineStore::open(dir.path()).expect("open state machine");
+            Ok((dir, log, sm))
+        }
+    }
+
+    /// openraft's own conformance suite for log stores and state machines.
+    #[test]
+    fn openraft_storage_suite() {
+        openraft::testing::Suite::test_all(Builder).unwrap();
+    }
+}

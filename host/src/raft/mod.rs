@@ -1,0 +1,5 @@
+//! openraft glue: the log store, the state-machine driver and the peer network.
+
+pub mod log_store;
+pub mod network;
+pub mod state_machine;

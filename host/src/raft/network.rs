@@ -1,0 +1,112 @@
+//! Raft RPCs between nodes over tonic, on each member's peer URL.
+//!
+//! openraft's messages travel postcard-encoded inside a `Blob`; a remote `RaftError` comes
+//! back inside the reply so openraft sees it as a remote error, while a transport failure
+//! becomes `Unreachable` (openraft backs off and retries).
+
+use std::time::Duration;
+
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use openraft::AnyError;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::proto::peer::raft_peer_client::RaftPeerClient;
+use crate::proto::peer::Blob;
+use crate::types::{decode, encode, Member, NodeId, TypeConfig};
+
+/// Largest gRPC message between peers: module installs (16 MiB) and snapshot chunks fit.
+pub const MAX_PEER_MESSAGE: usize = 64 * 1024 * 1024;
+
+pub fn peer_client(url: &str) -> anyhow::Result<RaftPeerClient<Channel>> {
+    let ch = Endpoint::from_shared(url.to_string())?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .connect_lazy();
+    Ok(RaftPeerClient::new(ch).max_decoding_message_size(MAX_PEER_MESSAGE).max_encoding_message_size(MAX_PEER_MESSAGE))
+}
+
+#[derive(Clone, Default)]
+pub struct Network;
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerConn;
+
+    async fn new_client(&mut self, target: NodeId, node: &Member) -> Self::Network {
+        PeerConn { target, client: peer_client(&node.peer_url).map_err(|e| e.to_string()) }
+    }
+}
+
+pub struct PeerConn {
+    target: NodeId,
+    client: Result<RaftPeerClient<Channel>, String>,
+}
+
+type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, Member, RaftError<NodeId, E>>;
+
+impl PeerConn {
+    async fn call<Req, Resp, E>(
+        &mut self,
+        which: &'static str,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RpcErr<E>>
+    where
+        Req: serde::Serialize,
+        Resp: for<'a> serde::Deserialize<'a>,
+        E: std::error::Error + for<'a> serde::Deserialize<'a>,
+    {
+        let client = match &mut self.client {
+            Ok(c) => c,
+            Err(e) => return Err(RPCError::Unreachable(Unreachable::new(&AnyError::error(e.clone())))),
+        };
+        let mut request = tonic::Request::new(Blob { data: encode(req) });
+        request.set_timeout(option.hard_ttl());
+        let reply = match which {
+            "append" => client.append_entries(request).await,
+            "vote" => client.vote(request).await,
+            _ => client.install_snapshot(request).await,
+        };
+        let blob = match reply {
+            Ok(r) => r.into_inner(),
+            Err(status) => {
+                let err = AnyError::error(format!("{which} to node {:x}: {status}", self.target));
+                return Err(match status.code() {
+                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+                        RPCError::Unreachable(Unreachable::new(&err))
+                    }
+                    _ => RPCError::Network(NetworkError::new(&err)),
+                });
+            }
+        };
+        let result: Result<Resp, RaftError<NodeId, E>> =
+            decode(&blob.data).map_err(|e| RPCError::Network(NetworkError::new(&AnyError::error(e.to_string()))))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerConn {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
+        self.call("append", &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<InstallSnapshotError>> {
+        self.call("snapshot", &rpc, &option).await
+    }
+
+    async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> Result<VoteResponse<NodeId>, RpcErr> {
+        self.call("vote", &rpc, &option).await
+    }
+}

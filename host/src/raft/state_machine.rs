@@ -1,0 +1,330 @@
+//! The state-machine driver: openraft hands it committed entries, it runs them through the
+//! Wasm runtime and commits each applied batch with one RocksDB write batch that also
+//! records the last applied log id.
+//!
+//! Snapshots are RocksDB checkpoints of the state DB packed into a tar archive; installing
+//! one unpacks it into a fresh state directory and swaps it in (`state/CURRENT` names the
+//! live one).
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use anyhow::Context;
+use openraft::storage::RaftStateMachine;
+use openraft::{AnyError, EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftSnapshotBuilder, Snapshot};
+use tokio::sync::broadcast;
+
+use crate::runtime::{sha256_hex, ApplyContext, Runtime};
+use crate::storage::{machine_prefix, prefix_end, ModuleRecord, PendingBatch, StateDb};
+use crate::types::{
+    ApplyError, ApplyErrorKind, Entry, LogId, Request, Response, SnapshotMeta, StorageError, StoredMembership,
+    TypeConfig,
+};
+
+/// Events of one committed command, for the watch hub.
+#[derive(Debug, Clone)]
+pub struct CommittedEvents {
+    pub machine: String,
+    pub index: u64,
+    pub events: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// What the node's services share with the driver: the live state DB and the runtime.
+pub struct Shared {
+    data_dir: PathBuf,
+    db: RwLock<Arc<StateDb>>,
+    pub runtime: Arc<Runtime>,
+    pub events: broadcast::Sender<Arc<CommittedEvents>>,
+    snapshot_seq: AtomicU64,
+}
+
+impl Shared {
+    /// The live state DB. Hold the `Arc` only for one read: a snapshot install swaps it.
+    pub fn db(&self) -> Arc<StateDb> {
+        self.db.read().expect("poisoned").clone()
+    }
+}
+
+#[derive(Clone)]
+pub struct StateMachineStore {
+    shared: Arc<Shared>,
+}
+
+fn sm_err(verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError {
+    openraft::StorageIOError::new(ErrorSubject::StateMachine, verb, AnyError::error(format!("{e:#}"))).into()
+}
+
+fn snap_err(verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError {
+    openraft::StorageIOError::new(ErrorSubject::Snapshot(None), verb, AnyError::error(format!("{e:#}"))).into()
+}
+
+fn state_root(data_dir: &Path) -> PathBuf {
+    data_dir.join("state")
+}
+
+impl StateMachineStore {
+    /// Open (or create) the state under `data_dir`, and load every installed machine.
+    pub fn open(data_dir: &Path) -> anyhow::Result<Self> {
+        let root = state_root(data_dir);
+        std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+        let current = match std::fs::read_to_string(root.join("CURRENT")) {
+            Ok(s) => s.trim().to_string(),
+            Err(_) => {
+                let name = "state-0".to_string();
+                write_atomic(&root.join("CURRENT"), name.as_bytes())?;
+                name
+            }
+        };
+        // Directories left by an interrupted snapshot install or a retired state.
+        for entry in std::fs::read_dir(&root)? {
+            let entry = entry?;
+            let n = entry.file_name().to_string_lossy().into_owned();
+            if entry.path().is_dir() && n != current {
+                tracing::info!(dir = %entry.path().display(), "removing stale state directory");
+                std::fs::remove_dir_all(entry.path())?;
+            }
+        }
+        let seq = current.strip_prefix("state-").and_then(|s| s.parse().ok()).unwrap_or(0);
+        let db = Arc::new(StateDb::open(&root.join(&current))?);
+        let runtime = Arc::new(Runtime::new(&data_dir.join("cache"))?);
+        runtime.sync_with(&db).context("loading installed machines")?;
+        let (events, _) = broadcast::channel(4096);
+        Ok(Self {
+            shared: Arc::new(Shared {
+                data_dir: data_dir.to_owned(),
+                db: RwLock::new(db),
+                runtime,
+                events,
+                snapshot_seq: AtomicU64::new(seq),
+            }),
+        })
+    }
+
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    fn snapshot_dir(&self) -> PathBuf {
+        self.shared.data_dir.join("snapshot")
+    }
+
+    fn save_snapshot(&self, meta: &SnapshotMeta, data: &[u8]) -> anyhow::Result<()> {
+        let dir = self.snapshot_dir();
+        std::fs::create_dir_all(&dir)?;
+        write_atomic(&dir.join("current.data"), data)?;
+        write_atomic(&dir.join("current.meta"), &crate::types::encode(meta))?;
+        Ok(())
+    }
+
+    fn apply_entries(&self, entries: Vec<Entry>) -> anyhow::Result<Vec<Response>> {
+        let shared = &self.shared;
+        let db = shared.db();
+        let rt = &shared.runtime;
+        let mut batch = PendingBatch::default();
+        let mut responses = Vec::with_capacity(entries.len());
+        let mut committed_events = Vec::new();
+        let mut last: Option<LogId> = None;
+        for entry in entries {
+            last = Some(entry.log_id);
+            let index = entry.log_id.index;
+            match entry.payload {
+                EntryPayload::Blank => responses.push(Response::Empty),
+                EntryPayload::Membership(m) => {
+                    batch.set_membership(&StoredMembership::new(Some(entry.log_id), m));
+                    responses.push(Response::Empty);
+                }
+                EntryPayload::Normal(Request::Call { machine, payload, timestamp_ms }) => {
+                    let ctx = ApplyContext { index, term: entry.log_id.leader_id.term, timestamp_ms };
+                    match rt.apply(&machine, &db, &mut batch.data, ctx, &payload)? {
+                        Ok((out, effects)) => {
+                            if !effects.events.is_empty() {
+                                committed_events.push(CommittedEvents { machine, index, events: effects.events });
+                            }
+                            responses.push(Response::Output(out));
+                        }
+                        Err(e) => responses.push(Response::Failed(e)),
+                    }
+                }
+                EntryPayload::Normal(Request::InstallModule { name, wasm, fuel, memory_bytes }) => {
+                    let sha = sha256_hex(&wasm);
+                    let record =
+                        ModuleRecord { name, sha256: sha.clone(), size: wasm.len() as u64, fuel, memory_bytes, installed_index: index };
+                    // Validated before it was proposed, so this only fails if the engine
+                    // differs between nodes; every node answers the same either way.
+                    match rt.load(record.clone(), &wasm) {
+                        Ok(()) => {
+                            batch.blobs.push((sha.clone().into_bytes(), wasm));
+                            batch.put_module(&record);
+                            responses.push(Response::Installed { sha256: sha, size: record.size });
+                        }
+                        Err(e) => responses.push(Response::Failed(ApplyError::new(ApplyErrorKind::InvalidModule, format!("{e:#}")))),
+                    }
+                }
+                EntryPayload::Normal(Request::RemoveModule { name }) => {
+                    if rt.machine(&name).is_none() {
+                        responses.push(Response::Failed(ApplyError::new(
+                            ApplyErrorKind::NoSuchMachine,
+                            format!("machine {name:?} is not installed"),
+                        )));
+                        continue;
+                    }
+                    rt.unload(&name);
+                    batch.remove_module(&name);
+                    let p = machine_prefix(&name);
+                    batch.range_deletes.push((p.clone(), prefix_end(&p)));
+                    // Commit now: later reads in this batch go through the overlay and the
+                    // DB, and neither would see a pending range delete.
+                    batch.set_applied(last);
+                    db.commit(std::mem::take(&mut batch))?;
+                    responses.push(Response::Removed);
+                }
+            }
+        }
+        batch.set_applied(last);
+        db.commit(batch)?;
+        for ev in committed_events {
+            let _ = shared.events.send(Arc::new(ev));
+        }
+        Ok(responses)
+    }
+}
+
+fn write_atomic(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+/// Pack a directory (flat, as RocksDB checkpoints are) into a tar archive in memory.
+fn pack_dir(dir: &Path) -> anyhow::Result<Vec<u8>> {
+    let mut ar = tar::Builder::new(Vec::new());
+    ar.append_dir_all(".", dir)?;
+    Ok(ar.into_inner()?)
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        let db = self.shared.db();
+        let applied = db.applied().map_err(|e| sm_err(ErrorVerb::Read, e))?;
+        let membership = db.membership().map_err(|e| sm_err(ErrorVerb::Read, e))?;
+        Ok((applied, membership))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let this = self.clone();
+        // Guests are CPU-bound and synchronous: keep them off the async workers.
+        tokio::task::spawn_blocking(move || this.apply_entries(entries))
+            .await
+            .map_err(|e| sm_err(ErrorVerb::Write, e))?
+            .map_err(|e| sm_err(ErrorVerb::Write, e))
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError> {
+        let this = self.clone();
+        let meta = meta.clone();
+        tokio::task::spawn_blocking(move || this.install(&meta, snapshot.into_inner()))
+            .await
+            .map_err(|e| snap_err(ErrorVerb::Write, e))?
+            .map_err(|e| snap_err(ErrorVerb::Write, e))
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let dir = self.snapshot_dir();
+        let (Ok(meta), Ok(data)) = (std::fs::read(dir.join("current.meta")), std::fs::read(dir.join("current.data"))) else {
+            return Ok(None);
+        };
+        let meta: SnapshotMeta = crate::types::decode(&meta).map_err(|e| snap_err(ErrorVerb::Read, e))?;
+        Ok(Some(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
+    }
+}
+
+impl StateMachineStore {
+    fn install(&self, meta: &SnapshotMeta, tarball: Vec<u8>) -> anyhow::Result<()> {
+        let root = state_root(&self.shared.data_dir);
+        let seq = self.shared.snapshot_seq.fetch_add(1, Ordering::SeqCst) + 1;
+        let name = format!("state-{seq}");
+        let dir = root.join(&name);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        tar::Archive::new(Cursor::new(&tarball)).unpack(&dir).context("unpacking snapshot")?;
+        let db = Arc::new(StateDb::open(&dir)?);
+        let applied = db.applied()?;
+        anyhow::ensure!(
+            applied == meta.last_log_id,
+            "snapshot content is at {applied:?} but its metadata says {:?}",
+            meta.last_log_id
+        );
+        self.shared.runtime.sync_with(&db)?;
+        self.shared.runtime.reset_instances();
+        let old = std::mem::replace(&mut *self.shared.db.write().expect("poisoned"), db);
+        write_atomic(&root.join("CURRENT"), name.as_bytes())?;
+        self.save_snapshot(meta, &tarball)?;
+        // Queries may still hold the old DB; if so it is removed at the next start.
+        if let Ok(old) = Arc::try_unwrap(old) {
+            let path = old.path().to_owned();
+            drop(old);
+            let _ = std::fs::remove_dir_all(path);
+        }
+        tracing::info!(last_log_id = ?meta.last_log_id, "installed snapshot");
+        Ok(())
+    }
+
+    fn build(&self) -> anyhow::Result<Snapshot<TypeConfig>> {
+        let db = self.shared.db();
+        let seq = self.shared.snapshot_seq.fetch_add(0, Ordering::SeqCst);
+        let tmp = self.shared.data_dir.join(format!("snapshot-build-{seq}-{}", std::process::id()));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)?;
+        }
+        db.flush()?;
+        db.checkpoint(&tmp)?;
+        let result = (|| {
+            let (applied, membership) = {
+                let cp = StateDb::open(&tmp)?;
+                (cp.applied()?, cp.membership()?)
+            };
+            let data = pack_dir(&tmp)?;
+            let snapshot_id = format!(
+                "{}-{}-{}",
+                applied.map(|l| l.leader_id.term).unwrap_or(0),
+                applied.map(|l| l.index).unwrap_or(0),
+                sha256_hex(&data)[..16].to_string()
+            );
+            let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
+            self.save_snapshot(&meta, &data)?;
+            Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+        })();
+        let _ = std::fs::remove_dir_all(&tmp);
+        result
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.build())
+            .await
+            .map_err(|e| snap_err(ErrorVerb::Write, e))?
+            .map_err(|e| snap_err(ErrorVerb::Write, e))
+    }
+}

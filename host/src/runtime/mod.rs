@@ -1,0 +1,387 @@
+//! The Wasm runtime: compiles, validates, caches and runs state-machine components.
+//!
+//! Owns wasmtime and nothing else: it never sees openraft. The state-machine driver
+//! (`raft::state_machine`) hands it a command plus the write set to run against, and gets
+//! back the guest's answer and the writes to keep.
+//!
+//! Determinism (every replica must reach the same bytes):
+//! - fuel metering with the module's per-command budget (recorded in the log at install);
+//! - a linear-memory cap enforced by our own [`wasmtime::ResourceLimiter`], which turns
+//!   growth past the cap into a trap instead of a `-1` the guest could branch on;
+//! - NaN canonicalisation, deterministic relaxed SIMD, no threads, a fixed max stack;
+//! - no ambient imports: the linker only has the `raftvm:machine` interfaces.
+//!
+//! Instances stay warm: one per machine for `apply` (commands are serial) and a small pool
+//! for queries. An instance that trapped is dropped and re-created on next use, so guests
+//! must keep all state in the store.
+
+mod host;
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use anyhow::{Context, Result};
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Config, Engine, Store};
+
+use crate::storage::{ModuleRecord, Overlay, StateDb};
+use crate::types::{ApplyError, ApplyErrorKind};
+
+pub use host::HostState;
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "state-machine",
+        imports: { default: trappable },
+    });
+}
+
+use bindings::raftvm::machine::types::ApplyContext as WitApplyContext;
+use bindings::{StateMachine, StateMachinePre};
+
+/// Largest module accepted by `module install` (after componentizing).
+pub const MAX_MODULE_BYTES: usize = 16 * 1024 * 1024;
+/// Default per-command fuel budget (~ instructions). Big enough for real work, small
+/// enough that an infinite loop fails in well under a second.
+pub const DEFAULT_FUEL: u64 = 500_000_000;
+/// Default linear-memory cap per instance.
+pub const DEFAULT_MEMORY_BYTES: u64 = 128 * 1024 * 1024;
+/// Number of warm query instances kept per machine.
+const QUERY_POOL: usize = 4;
+
+/// The entry-specific facts a guest sees in `apply`.
+#[derive(Debug, Clone, Copy)]
+pub struct ApplyContext {
+    pub index: u64,
+    pub term: u64,
+    pub timestamp_ms: u64,
+}
+
+/// A committed command's effects.
+#[derive(Debug, Default)]
+pub struct Effects {
+    pub events: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// A failure of the node itself (disk, cache), as opposed to a guest failure: the node must
+/// not pretend the command was applied.
+#[derive(Debug, thiserror::Error)]
+#[error("host fault: {0:#}")]
+pub struct HostFault(pub anyhow::Error);
+
+struct Warm {
+    store: Store<HostState>,
+    bindings: StateMachine,
+}
+
+/// A loaded machine: its record, its pre-linked component and warm instances.
+pub struct Machine {
+    pub record: ModuleRecord,
+    pre: StateMachinePre<HostState>,
+    applier: Mutex<Option<Warm>>,
+    readers: Mutex<Vec<Warm>>,
+}
+
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<HostState>,
+    cache_dir: PathBuf,
+    engine_tag: String,
+    machines: RwLock<HashMap<String, Arc<Machine>>>,
+}
+
+impl Runtime {
+    pub fn new(cache_dir: &Path) -> Result<Self> {
+        let mut config = Config::new();
+        config
+            .wasm_component_model(true)
+            .consume_fuel(true)
+            .cranelift_nan_canonicalization(true)
+            .relaxed_simd_deterministic(true)
+            .max_wasm_stack(1024 * 1024);
+        // Threads are off: the `threads` cargo feature of wasmtime is not enabled at all.
+        let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut linker = Linker::new(&engine);
+        StateMachine::add_to_linker::<HostState, wasmtime::component::HasSelf<HostState>>(&mut linker, |s| s)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut h);
+        let engine_tag = format!("{:016x}", h.finish());
+        std::fs::create_dir_all(cache_dir).with_context(|| format!("creating {}", cache_dir.display()))?;
+        Ok(Self { engine, linker, cache_dir: cache_dir.to_owned(), engine_tag, machines: RwLock::new(HashMap::new()) })
+    }
+
+    /// Check a module before it is proposed. Returns the component bytes to replicate:
+    /// a core module carrying wit-bindgen's component-type section is componentized here.
+    /// Also leaves the compiled artifact in the cache, so applying it is cheap.
+    pub fn validate(&self, wasm: &[u8]) -> Result<Vec<u8>, String> {
+        if wasm.len() > MAX_MODULE_BYTES {
+            return Err(format!("module is {} bytes, over the {MAX_MODULE_BYTES}-byte limit", wasm.len()));
+        }
+        let component = if wasmparser::Parser::is_component(wasm) {
+            wasm.to_vec()
+        } else if wasmparser::Parser::is_core_wasm(wasm) {
+            wit_component::ComponentEncoder::default()
+                .module(wasm)
+                .and_then(|e| e.validate(true).encode())
+                .map_err(|e| format!("core module could not be turned into a component (does it carry wit-bindgen's component-type section?): {e:#}"))?
+        } else {
+            return Err("not a WebAssembly module or component".to_string());
+        };
+        if component.len() > MAX_MODULE_BYTES {
+            return Err(format!("component is {} bytes, over the {MAX_MODULE_BYTES}-byte limit", component.len()));
+        }
+        let compiled = self.compile(&component).map_err(|e| format!("{e:#}"))?;
+        self.link(&compiled)?;
+        Ok(component)
+    }
+
+    fn link(&self, component: &Component) -> Result<StateMachinePre<HostState>, String> {
+        let pre = self
+            .linker
+            .instantiate_pre(component)
+            .map_err(|e| format!("module imports something outside the raftvm:machine world: {e}"))?;
+        StateMachinePre::new(pre)
+            .map_err(|e| format!("module does not implement the raftvm:machine/state-machine world: {e}"))
+    }
+
+    /// Compile (or load from the on-disk cache) a component.
+    fn compile(&self, component: &[u8]) -> Result<Component> {
+        let sha = sha256_hex(component);
+        let path = self.cache_dir.join(format!("{sha}-{}.cwasm", self.engine_tag));
+        if path.exists() {
+            // SAFETY: the file was written by `Component::serialize` of an engine with the
+            // same compatibility hash (it is in the file name), in our private data dir.
+            match unsafe { Component::deserialize_file(&self.engine, &path) } {
+                Ok(c) => return Ok(c),
+                Err(e) => tracing::warn!(path = %path.display(), "dropping unusable cached artifact: {e}"),
+            }
+        }
+        let c = Component::new(&self.engine, component).map_err(|e| anyhow::anyhow!("module does not compile: {e}"))?;
+        match c.serialize() {
+            Ok(bytes) => {
+                let tmp = path.with_extension("tmp");
+                if let Err(e) = std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, &path)) {
+                    tracing::warn!("could not cache compiled module: {e}");
+                }
+            }
+            Err(e) => tracing::warn!("could not serialize compiled module: {e}"),
+        }
+        Ok(c)
+    }
+
+    /// Load (or replace) a machine from its record and component bytes.
+    pub fn load(&self, record: ModuleRecord, component: &[u8]) -> Result<()> {
+        let compiled = self.compile(component)?;
+        let pre = self.link(&compiled).map_err(anyhow::Error::msg)?;
+        let m = Arc::new(Machine { record, pre, applier: Mutex::new(None), readers: Mutex::new(Vec::new()) });
+        self.machines.write().expect("poisoned").insert(m.record.name.clone(), m);
+        Ok(())
+    }
+
+    pub fn unload(&self, name: &str) {
+        self.machines.write().expect("poisoned").remove(name);
+    }
+
+    /// Make the loaded machines match the module records of `db` (startup, snapshot install).
+    pub fn sync_with(&self, db: &StateDb) -> Result<()> {
+        let records = db.modules()?;
+        let wanted: HashMap<_, _> = records.iter().map(|r| (r.name.clone(), r.clone())).collect();
+        let loaded: Vec<(String, ModuleRecord)> =
+            self.machines.read().expect("poisoned").iter().map(|(n, m)| (n.clone(), m.record.clone())).collect();
+        for (name, rec) in loaded {
+            if wanted.get(&name) != Some(&rec) {
+                self.unload(&name);
+            }
+        }
+        for rec in records {
+            if self.machine(&rec.name).is_some() {
+                continue;
+            }
+            let bytes = db.blob(&rec.sha256)?.with_context(|| format!("module blob {} missing", rec.sha256))?;
+            self.load(rec, &bytes)?;
+        }
+        Ok(())
+    }
+
+    /// Drop every warm instance (they hold the state DB they were created for).
+    pub fn reset_instances(&self) {
+        for m in self.machines.read().expect("poisoned").values() {
+            *m.applier.lock().expect("poisoned") = None;
+            m.readers.lock().expect("poisoned").clear();
+        }
+    }
+
+    pub fn machine(&self, name: &str) -> Option<Arc<Machine>> {
+        self.machines.read().expect("poisoned").get(name).cloned()
+    }
+
+    pub fn machine_names(&self) -> Vec<String> {
+        let mut v: Vec<_> = self.machines.read().expect("poisoned").keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    fn instantiate(&self, m: &Machine, db: Arc<StateDb>) -> Result<Warm, ApplyError> {
+        let mut store = Store::new(&self.engine, HostState::new(&m.record, db));
+        store.limiter(|s| s);
+        store.set_fuel(m.record.fuel).expect("fuel is enabled");
+        match m.pre.instantiate(&mut store) {
+            Ok(bindings) => Ok(Warm { store, bindings }),
+            Err(e) => Err(classify(&store, e)),
+        }
+    }
+
+    /// Run `apply` of machine `name`. Writes go into a fresh command overlay on top of
+    /// `batch` and are moved into `batch` only if the guest returns `ok`.
+    pub fn apply(
+        &self,
+        name: &str,
+        db: &Arc<StateDb>,
+        batch: &mut Overlay,
+        ctx: ApplyContext,
+        command: &[u8],
+    ) -> Result<Result<(Vec<u8>, Effects), ApplyError>, HostFault> {
+        let Some(m) = self.machine(name) else {
+            return Ok(Err(ApplyError::new(ApplyErrorKind::NoSuchMachine, format!("machine {name:?} is not installed"))));
+        };
+        self.run_transaction(&m, db, batch, |w| {
+            let wctx = WitApplyContext { index: ctx.index, term: ctx.term, timestamp_ms: ctx.timestamp_ms };
+            w.bindings.call_apply(&mut w.store, wctx, command)
+        })
+    }
+
+    /// Run `on-lease-revoked` of machine `name`, transactional like `apply`.
+    pub fn lease_revoked(
+        &self,
+        name: &str,
+        db: &Arc<StateDb>,
+        batch: &mut Overlay,
+        ctx: ApplyContext,
+        lease: i64,
+        keys: &[Vec<u8>],
+    ) -> Result<Result<Effects, ApplyError>, HostFault> {
+        let Some(m) = self.machine(name) else {
+            return Ok(Ok(Effects::default()));
+        };
+        let r = self.run_transaction(&m, db, batch, |w| {
+            let wctx = WitApplyContext { index: ctx.index, term: ctx.term, timestamp_ms: ctx.timestamp_ms };
+            w.bindings.call_on_lease_revoked(&mut w.store, wctx, lease, keys).map(|r| r.map(|()| Vec::new()))
+        })?;
+        Ok(r.map(|(_, e)| e))
+    }
+
+    fn run_transaction(
+        &self,
+        m: &Machine,
+        db: &Arc<StateDb>,
+        batch: &mut Overlay,
+        call: impl FnOnce(&mut Warm) -> wasmtime::Result<Result<Vec<u8>, String>>,
+    ) -> Result<Result<(Vec<u8>, Effects), ApplyError>, HostFault> {
+        let mut slot = m.applier.lock().expect("poisoned");
+        if slot.as_ref().is_some_and(|w| !Arc::ptr_eq(w.store.data().db(), db)) {
+            *slot = None; // the state was swapped (snapshot install): start clean
+        }
+        let mut warm = match slot.take() {
+            Some(w) => w,
+            None => match self.instantiate(m, db.clone()) {
+                Ok(w) => w,
+                Err(e) => return Ok(Err(e)),
+            },
+        };
+        warm.store.set_fuel(m.record.fuel).expect("fuel is enabled");
+        warm.store.data_mut().begin(std::mem::take(batch), true);
+        let result = call(&mut warm);
+        let (base, cmd, events, fault) = warm.store.data_mut().finish();
+        *batch = base;
+        if let Some(f) = fault {
+            return Err(HostFault(f));
+        }
+        match result {
+            Ok(Ok(out)) => {
+                batch.absorb(cmd);
+                *slot = Some(warm);
+                Ok(Ok((out, Effects { events })))
+            }
+            Ok(Err(msg)) => {
+                *slot = Some(warm);
+                Ok(Err(ApplyError::new(ApplyErrorKind::Rejected, msg)))
+            }
+            // The instance may be in any state after a trap: drop it.
+            Err(e) => Ok(Err(classify(&warm.store, e))),
+        }
+    }
+
+    /// Run `query` of machine `name` against the committed state in `db`.
+    pub fn query(&self, name: &str, db: &Arc<StateDb>, request: &[u8]) -> Result<Result<Vec<u8>, ApplyError>, HostFault> {
+        let Some(m) = self.machine(name) else {
+            return Ok(Err(ApplyError::new(ApplyErrorKind::NoSuchMachine, format!("machine {name:?} is not installed"))));
+        };
+        let warm = m.readers.lock().expect("poisoned").pop();
+        let mut warm = match warm {
+            Some(w) if Arc::ptr_eq(w.store.data().db(), db) => w,
+            _ => match self.instantiate(&m, db.clone()) {
+                Ok(w) => w,
+                Err(e) => return Ok(Err(e)),
+            },
+        };
+        warm.store.set_fuel(m.record.fuel).expect("fuel is enabled");
+        warm.store.data_mut().begin(Overlay::default(), false);
+        let result = warm.bindings.call_query(&mut warm.store, request);
+        let (_, _, _, fault) = warm.store.data_mut().finish();
+        if let Some(f) = fault {
+            return Err(HostFault(f));
+        }
+        let out = match result {
+            Ok(Ok(out)) => Ok(out),
+            Ok(Err(msg)) => Err(ApplyError::new(ApplyErrorKind::Rejected, msg)),
+            Err(e) => return Ok(Err(classify(&warm.store, e))),
+        };
+        let mut pool = m.readers.lock().expect("poisoned");
+        if pool.len() < QUERY_POOL {
+            pool.push(warm);
+        }
+        Ok(out)
+    }
+
+    /// Tell every machine that this node's leadership changed. Local, read-only, best effort.
+    pub fn leader_changed(&self, db: &Arc<StateDb>, is_leader: bool, term: u64) {
+        let machines: Vec<_> = self.machines.read().expect("poisoned").values().cloned().collect();
+        for m in machines {
+            let mut warm = match self.instantiate(&m, db.clone()) {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::warn!(machine = %m.record.name, "on-leader-change: {e}");
+                    continue;
+                }
+            };
+            warm.store.data_mut().begin(Overlay::default(), false);
+            if let Err(e) = warm.bindings.call_on_leader_change(&mut warm.store, is_leader, term) {
+                tracing::warn!(machine = %m.record.name, "on-leader-change: {}", classify(&warm.store, e));
+            }
+            warm.store.data_mut().finish();
+        }
+    }
+}
+
+/// Turn a wasmtime error into the deterministic error every replica reports.
+fn classify(store: &Store<HostState>, e: wasmtime::Error) -> ApplyError {
+    if store.data().out_of_memory() {
+        return ApplyError::new(ApplyErrorKind::OutOfMemory, format!("out of memory: {e}"));
+    }
+    match e.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::OutOfFuel) => {
+            ApplyError::new(ApplyErrorKind::OutOfFuel, "out of fuel: the command exceeded its fuel budget")
+        }
+        Some(t) => ApplyError::new(ApplyErrorKind::Trap, format!("trap: {t}")),
+        None => ApplyError::new(ApplyErrorKind::Trap, format!("trap: {e}")),
+    }
+}
+
+pub fn sha256_hex(b: &[u8]) -> String {
+    hex::encode(Sha256::digest(b))
+}

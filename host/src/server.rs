@@ -1,0 +1,165 @@
+//! Starting and stopping a node: storage, Raft, the peer and client gRPC servers.
+//!
+//! [`Server::start`] returns once both listeners are bound, so a caller (the CLI, a test,
+//! an embedding program) can talk to the node right away; the cluster may still be
+//! electing a leader.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use openraft::{SnapshotPolicy, ServerState};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::api::admin::AdminService;
+use crate::config::{bind_addr, first_url, ServeConfig};
+use crate::node::{Node, PeerService};
+use crate::proto::admin::admin_server::AdminServer;
+use crate::proto::peer::raft_peer_server::RaftPeerServer;
+use crate::raft::log_store::LogStore;
+use crate::raft::network::{Network, MAX_PEER_MESSAGE};
+use crate::raft::state_machine::StateMachineStore;
+use crate::types::Raft;
+
+/// Log entries kept after a snapshot so slow followers can catch up without one (etcd's
+/// snapshot catch-up entries), capped by `--snapshot-count`.
+const CATCHUP_ENTRIES: u64 = 5000;
+
+pub struct Server {
+    pub node: Arc<Node>,
+    pub client_addr: std::net::SocketAddr,
+    pub peer_addr: std::net::SocketAddr,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Server {
+    pub async fn start(cfg: ServeConfig) -> Result<Self> {
+        let data_dir = cfg.data_dir();
+        std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+        let members = cfg.members()?;
+        let id = cfg.my_id()?;
+        let cluster_id = cfg.cluster_id()?;
+
+        let raft_config = openraft::Config {
+            cluster_name: cfg.initial_cluster_token.clone(),
+            heartbeat_interval: cfg.heartbeat_interval,
+            election_timeout_min: cfg.election_timeout,
+            election_timeout_max: cfg.election_timeout * 2,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_count.max(1)),
+            max_in_snapshot_log_to_keep: CATCHUP_ENTRIES.min(cfg.snapshot_count),
+            install_snapshot_timeout: 10_000,
+            ..Default::default()
+        }
+        .validate()
+        .context("raft configuration")?;
+
+        let log = LogStore::open(&data_dir.join("raft"))?;
+        let sm = StateMachineStore::open(&data_dir)?;
+        let shared = sm.shared();
+        let raft = Raft::new(id, Arc::new(raft_config), Network, log, sm).await.context("starting raft")?;
+
+        let node = Arc::new(Node {
+            id,
+            name: cfg.name.clone(),
+            cluster_id,
+            raft: raft.clone(),
+            shared,
+            request_timeout: Duration::from_secs(5),
+        });
+
+        let peer_listener = bind(&first_url(&cfg.listen_peer_urls)?).await?;
+        let client_listener = bind(&first_url(&cfg.listen_client_urls)?).await?;
+        let peer_addr = peer_listener.local_addr()?;
+        let client_addr = client_listener.local_addr()?;
+        let (stop, stopped) = watch::channel(false);
+        let mut tasks = Vec::new();
+
+        let peer = RaftPeerServer::new(PeerService { node: node.clone() })
+            .max_decoding_message_size(MAX_PEER_MESSAGE)
+            .max_encoding_message_size(MAX_PEER_MESSAGE);
+        let mut s = stopped.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = tonic::transport::Server::builder()
+                .add_service(peer)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(peer_listener), async move {
+                    let _ = s.wait_for(|v| *v).await;
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!("peer server: {e}");
+            }
+        }));
+
+        let max_msg = (cfg.max_request_bytes as usize).max(crate::runtime::MAX_MODULE_BYTES + 1024 * 1024);
+        let admin = AdminServer::new(AdminService { node: node.clone() })
+            .max_decoding_message_size(max_msg)
+            .max_encoding_message_size(usize::MAX);
+        let mut s = stopped.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = tonic::transport::Server::builder()
+                .add_service(admin)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(client_listener), async move {
+                    let _ = s.wait_for(|v| *v).await;
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!("client server: {e}");
+            }
+        }));
+
+        tasks.push(tokio::spawn(leader_callbacks(node.clone(), stopped.clone())));
+
+        if cfg.initial_cluster_state == "new" {
+            if !raft.is_initialized().await? {
+                tracing::info!(members = members.len(), "bootstrapping a new cluster");
+                if let Err(e) = raft.initialize(members).await {
+                    // Another member's vote or log may have initialized us meanwhile.
+                    tracing::info!("initialize: {e}");
+                }
+            }
+        } else if cfg.initial_cluster_state != "existing" {
+            anyhow::bail!("--initial-cluster-state must be 'new' or 'existing', got {:?}", cfg.initial_cluster_state);
+        }
+        tracing::info!(name = %cfg.name, id = format!("{id:x}"), %client_addr, %peer_addr, "raftvm node started");
+        Ok(Self { node, client_addr, peer_addr, stop, tasks })
+    }
+
+    /// Stop serving and shut Raft down.
+    pub async fn stop(self) -> Result<()> {
+        let _ = self.stop.send(true);
+        let _ = self.node.raft.shutdown().await;
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        Ok(())
+    }
+}
+
+async fn bind(url: &str) -> Result<TcpListener> {
+    let addr = bind_addr(url)?;
+    TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))
+}
+
+/// Call every machine's `on-leader-change` when this node gains or loses leadership.
+async fn leader_callbacks(node: Arc<Node>, mut stopped: watch::Receiver<bool>) {
+    let mut metrics = node.raft.metrics();
+    let mut was_leader = false;
+    loop {
+        let (is_leader, term) = {
+            let m = metrics.borrow_and_update();
+            (m.state == ServerState::Leader, m.current_term)
+        };
+        if is_leader != was_leader {
+            was_leader = is_leader;
+            let shared = node.shared.clone();
+            let _ = tokio::task::spawn_blocking(move || shared.runtime.leader_changed(&shared.db(), is_leader, term)).await;
+        }
+        tokio::select! {
+            r = metrics.changed() => if r.is_err() { return },
+            _ = stopped.wait_for(|v| *v) => return,
+        }
+    }
+}

@@ -1,0 +1,446 @@
+//! The applied state: one RocksDB instance per state version, plus the write sets
+//! commands see while they are being applied.
+//!
+//! Layout (column families of the state DB):
+//! - `data`: every machine's private store. Key = `machine name ++ 0x00 ++ user key`.
+//!   Names never contain 0x00, so each machine owns one contiguous key range. Keys starting
+//!   with 0x01 are reserved for the host (lease attachments).
+//! - `meta`: `applied` (last applied log id), `membership`, `module/<name>` (module records).
+//! - `blobs`: module bytes by sha256.
+//!
+//! The Raft log lives in a different DB (see `raft::log_store`) so a snapshot of the state
+//! can be swapped in as a whole directory.
+//!
+//! Writes never go straight to the DB: the state-machine driver collects a whole applied
+//! batch in an [`Overlay`] (and each command in its own overlay on top, so a failed command
+//! can be discarded) and commits it with one `WriteBatch` together with the applied log id.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions, WriteBatch, DB};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::types::{decode, encode, LogId, StoredMembership};
+
+const CF_DATA: &str = "data";
+const CF_META: &str = "meta";
+const CF_BLOBS: &str = "blobs";
+
+const KEY_APPLIED: &[u8] = b"applied";
+const KEY_MEMBERSHIP: &[u8] = b"membership";
+const MODULE_PREFIX: &[u8] = b"module/";
+
+/// A machine's record in `meta`, replicated like everything else in the state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleRecord {
+    pub name: String,
+    pub sha256: String,
+    pub size: u64,
+    pub fuel: u64,
+    pub memory_bytes: u64,
+    pub installed_index: u64,
+}
+
+/// The first key of machine `name`'s range in `data`.
+pub fn machine_prefix(name: &str) -> Vec<u8> {
+    let mut p = Vec::with_capacity(name.len() + 1);
+    p.extend_from_slice(name.as_bytes());
+    p.push(0);
+    p
+}
+
+/// The smallest key greater than every key that starts with `prefix` (empty = unbounded).
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    Vec::new()
+}
+
+pub struct StateDb {
+    db: DB,
+    path: PathBuf,
+}
+
+impl StateDb {
+    pub fn open(path: &Path) -> Result<Self> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        let cfs = [CF_DATA, CF_META, CF_BLOBS]
+            .into_iter()
+            .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+        let db = DB::open_cf_descriptors(&opts, path, cfs)
+            .with_context(|| format!("opening state store {}", path.display()))?;
+        Ok(Self { db, path: path.to_owned() })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.db.cf_handle(name).expect("column family created at open")
+    }
+
+    pub fn get_data(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get_cf(self.cf(CF_DATA), key)?)
+    }
+
+    /// Up to `limit` committed entries of `data` with `start <= key < end`, ascending or
+    /// descending. `end` must be non-empty.
+    pub fn scan_data(&self, start: &[u8], end: &[u8], reverse: bool, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut out = Vec::new();
+        if limit == 0 || start >= end {
+            return Ok(out);
+        }
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_lower_bound(start.to_vec());
+        ro.set_iterate_upper_bound(end.to_vec());
+        let mode = if reverse { IteratorMode::End } else { IteratorMode::From(start, Direction::Forward) };
+        for item in self.db.iterator_cf_opt(self.cf(CF_DATA), ro, mode) {
+            let (k, v) = item?;
+            out.push((k.into_vec(), v.into_vec()));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    fn get_meta<T: for<'a> Deserialize<'a>>(&self, key: &[u8]) -> Result<Option<T>> {
+        match self.db.get_cf(self.cf(CF_META), key)? {
+            Some(b) => Ok(Some(decode(&b).with_context(|| format!("decoding meta {}", String::from_utf8_lossy(key)))?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn applied(&self) -> Result<Option<LogId>> {
+        Ok(self.get_meta::<Option<LogId>>(KEY_APPLIED)?.flatten())
+    }
+
+    pub fn membership(&self) -> Result<StoredMembership> {
+        Ok(self.get_meta(KEY_MEMBERSHIP)?.unwrap_or_default())
+    }
+
+    pub fn module(&self, name: &str) -> Result<Option<ModuleRecord>> {
+        self.get_meta(&module_key(name))
+    }
+
+    pub fn modules(&self) -> Result<Vec<ModuleRecord>> {
+        let mut out = Vec::new();
+        let mode = IteratorMode::From(MODULE_PREFIX, Direction::Forward);
+        for item in self.db.iterator_cf(self.cf(CF_META), mode) {
+            let (k, v) = item?;
+            if !k.starts_with(MODULE_PREFIX) {
+                break;
+            }
+            out.push(decode(&v).context("decoding module record")?);
+        }
+        Ok(out)
+    }
+
+    pub fn blob(&self, sha256: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get_cf(self.cf(CF_BLOBS), sha256.as_bytes())?)
+    }
+
+    /// Commit one applied batch atomically.
+    pub fn commit(&self, batch: PendingBatch) -> Result<()> {
+        let mut wb = WriteBatch::default();
+        let data = self.cf(CF_DATA);
+        for (k, v) in batch.data.map {
+            match v {
+                Some(v) => wb.put_cf(data, k, v),
+                None => wb.delete_cf(data, k),
+            }
+        }
+        let meta = self.cf(CF_META);
+        for (k, v) in batch.meta {
+            match v {
+                Some(v) => wb.put_cf(meta, k, v),
+                None => wb.delete_cf(meta, k),
+            }
+        }
+        for (k, v) in batch.blobs {
+            wb.put_cf(self.cf(CF_BLOBS), k, v);
+        }
+        for (start, end) in batch.range_deletes {
+            wb.delete_range_cf(data, start, end);
+        }
+        // No fsync here: the log is durable, and `applied` moves in the same batch, so a
+        // crash loses only applied entries that are replayed from the log at restart.
+        self.db.write(wb)?;
+        Ok(())
+    }
+
+    /// Make everything written so far durable (before the log is purged past it).
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush_wal(true)?;
+        for cf in [CF_DATA, CF_META, CF_BLOBS] {
+            self.db.flush_cf(self.cf(cf))?;
+        }
+        Ok(())
+    }
+
+    /// A consistent, openable copy of the whole store in `dir` (hard links where possible).
+    pub fn checkpoint(&self, dir: &Path) -> Result<()> {
+        let cp = rocksdb::checkpoint::Checkpoint::new(&self.db)?;
+        cp.create_checkpoint(dir).with_context(|| format!("checkpoint into {}", dir.display()))?;
+        Ok(())
+    }
+
+    /// The replica-check hashes: one per machine (its private store) and one over the whole
+    /// replicated state (all data, host-reserved keys and module records; not the Raft
+    /// bookkeeping, which legitimately differs between replicas).
+    pub fn hashes(&self) -> Result<StateHashes> {
+        let mut store = Sha256::new();
+        let mut machines = BTreeMap::new();
+        let mut current: Option<(String, Sha256)> = None;
+        for item in self.db.iterator_cf(self.cf(CF_DATA), IteratorMode::Start) {
+            let (k, v) = item?;
+            feed(&mut store, &k, &v);
+            let Some(split) = k.iter().position(|b| *b == 0) else { continue };
+            if k.first() == Some(&1) {
+                continue;
+            }
+            let name = String::from_utf8_lossy(&k[..split]).into_owned();
+            if current.as_ref().map(|(n, _)| n != &name).unwrap_or(true) {
+                if let Some((n, h)) = current.take() {
+                    machines.insert(n, hex::encode(h.finalize()));
+                }
+                current = Some((name, Sha256::new()));
+            }
+            feed(&mut current.as_mut().expect("set above").1, &k[split + 1..], &v);
+        }
+        if let Some((n, h)) = current.take() {
+            machines.insert(n, hex::encode(h.finalize()));
+        }
+        for rec in self.modules()? {
+            let enc = encode(&rec);
+            feed(&mut store, rec.name.as_bytes(), &enc);
+            machines.entry(rec.name).or_insert_with(|| hex::encode(Sha256::new().finalize()));
+        }
+        Ok(StateHashes { store: hex::encode(store.finalize()), machines })
+    }
+}
+
+fn feed(h: &mut Sha256, k: &[u8], v: &[u8]) {
+    h.update((k.len() as u32).to_be_bytes());
+    h.update(k);
+    h.update((v.len() as u32).to_be_bytes());
+    h.update(v);
+}
+
+pub fn module_key(name: &str) -> Vec<u8> {
+    [MODULE_PREFIX, name.as_bytes()].concat()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateHashes {
+    pub store: String,
+    pub machines: BTreeMap<String, String>,
+}
+
+/// Uncommitted writes to `data`: `None` is a deletion.
+#[derive(Debug, Default, Clone)]
+pub struct Overlay {
+    pub map: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+impl Overlay {
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Move every write of `other` on top of this overlay.
+    pub fn absorb(&mut self, other: Overlay) {
+        if self.map.is_empty() {
+            self.map = other.map;
+        } else {
+            self.map.extend(other.map);
+        }
+    }
+}
+
+/// Everything one applied batch writes, committed by [`StateDb::commit`].
+#[derive(Debug, Default)]
+pub struct PendingBatch {
+    pub data: Overlay,
+    pub meta: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    pub blobs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Applied before nothing else in the batch can observe them: the driver commits the
+    /// batch right after queueing a range delete.
+    pub range_deletes: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl PendingBatch {
+    pub fn set_applied(&mut self, log_id: Option<LogId>) {
+        self.meta.insert(KEY_APPLIED.to_vec(), Some(encode(&log_id)));
+    }
+
+    pub fn set_membership(&mut self, m: &StoredMembership) {
+        self.meta.insert(KEY_MEMBERSHIP.to_vec(), Some(encode(m)));
+    }
+
+    pub fn put_module(&mut self, rec: &ModuleRecord) {
+        self.meta.insert(module_key(&rec.name), Some(encode(rec)));
+    }
+
+    pub fn remove_module(&mut self, name: &str) {
+        self.meta.insert(module_key(name), None);
+    }
+}
+
+/// Read `key` through the overlays (topmost first), then the committed store.
+pub fn read_through(db: &StateDb, layers: &[&Overlay], key: &[u8]) -> Result<Option<Vec<u8>>> {
+    for layer in layers.iter().rev() {
+        if let Some(v) = layer.map.get(key) {
+            return Ok(v.clone());
+        }
+    }
+    db.get_data(key)
+}
+
+/// Scan `start <= key < end` (end non-empty) through the overlays (later layers win) and
+/// the committed store, skipping deletions, at most `limit` entries.
+pub fn scan_through(
+    db: &StateDb,
+    layers: &[&Overlay],
+    start: &[u8],
+    end: &[u8],
+    reverse: bool,
+    limit: usize,
+) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    if limit == 0 || start >= end {
+        return Ok(Vec::new());
+    }
+    // The overlays are small (one batch); fold them into one ordered view of the range.
+    let mut pending: BTreeMap<&[u8], Option<&[u8]>> = BTreeMap::new();
+    for layer in layers {
+        for (k, v) in layer.map.range::<[u8], _>((std::ops::Bound::Included(start), std::ops::Bound::Excluded(end))) {
+            pending.insert(k.as_slice(), v.as_deref());
+        }
+    }
+    let deletions = pending.values().filter(|v| v.is_none()).count();
+    // Enough committed entries to fill `limit` even if overlay deletions hide some.
+    let committed = db.scan_data(start, end, reverse, limit.saturating_add(deletions))?;
+    let mut over: Box<dyn Iterator<Item = (&[u8], Option<&[u8]>)>> =
+        if reverse { Box::new(pending.into_iter().rev()) } else { Box::new(pending.into_iter()) };
+    let mut over_next = over.next();
+    let mut base = committed.into_iter().peekable();
+    let mut out = Vec::new();
+    while out.len() < limit {
+        let take_over = match (&over_next, base.peek()) {
+            (None, None) => break,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (Some((ok, _)), Some((bk, _))) => {
+                if reverse {
+                    *ok >= bk.as_slice()
+                } else {
+                    *ok <= bk.as_slice()
+                }
+            }
+        };
+        if take_over {
+            let (k, v) = over_next.take().expect("checked");
+            if base.peek().is_some_and(|(bk, _)| bk.as_slice() == k) {
+                base.next();
+            }
+            if let Some(v) = v {
+                out.push((k.to_vec(), v.to_vec()));
+            }
+            over_next = over.next();
+        } else {
+            out.push(base.next().expect("checked"));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(o: &mut Overlay, k: &str, v: Option<&str>) {
+        o.map.insert(k.as_bytes().to_vec(), v.map(|v| v.as_bytes().to_vec()));
+    }
+
+    fn keys(v: &[(Vec<u8>, Vec<u8>)]) -> Vec<String> {
+        v.iter().map(|(k, v)| format!("{}={}", String::from_utf8_lossy(k), String::from_utf8_lossy(v))).collect()
+    }
+
+    #[test]
+    fn scan_merges_overlays_over_committed_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(dir.path()).unwrap();
+        let mut base = PendingBatch::default();
+        for k in ["a", "c", "e", "g"] {
+            put(&mut base.data, k, Some("db"));
+        }
+        db.commit(base).unwrap();
+
+        let mut batch = Overlay::default();
+        put(&mut batch, "c", None);
+        put(&mut batch, "d", Some("batch"));
+        let mut cmd = Overlay::default();
+        put(&mut cmd, "d", Some("cmd"));
+        put(&mut cmd, "e", None);
+        put(&mut cmd, "f", Some("cmd"));
+        let layers = [&batch, &cmd];
+
+        let all = scan_through(&db, &layers, b"a", b"z", false, 100).unwrap();
+        assert_eq!(keys(&all), ["a=db", "d=cmd", "f=cmd", "g=db"]);
+        let rev = scan_through(&db, &layers, b"a", b"z", true, 100).unwrap();
+        assert_eq!(keys(&rev), ["g=db", "f=cmd", "d=cmd", "a=db"]);
+        let lim = scan_through(&db, &layers, b"b", b"g", false, 2).unwrap();
+        assert_eq!(keys(&lim), ["d=cmd", "f=cmd"]);
+        let lim_rev = scan_through(&db, &layers, b"a", b"f", true, 2).unwrap();
+        assert_eq!(keys(&lim_rev), ["d=cmd", "a=db"]);
+        // Deletions in the overlay must not starve the limit.
+        let one = scan_through(&db, &[&batch, &cmd], b"c", b"z", false, 1).unwrap();
+        assert_eq!(keys(&one), ["d=cmd"]);
+        assert_eq!(read_through(&db, &layers, b"e").unwrap(), None);
+        assert_eq!(read_through(&db, &layers, b"a").unwrap(), Some(b"db".to_vec()));
+        assert_eq!(read_through(&db, &layers, b"d").unwrap(), Some(b"cmd".to_vec()));
+    }
+
+    #[test]
+    fn hashes_follow_content_and_checkpoints_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(&dir.path().join("s")).unwrap();
+        let mut b = PendingBatch::default();
+        put(&mut b.data, "m1\0k", Some("v"));
+        put(&mut b.data, "m2\0k", Some("v"));
+        db.commit(b).unwrap();
+        let h1 = db.hashes().unwrap();
+        assert_eq!(h1.machines.len(), 2);
+        assert_eq!(h1.machines["m1"], h1.machines["m2"], "same content, same machine hash");
+
+        db.checkpoint(&dir.path().join("cp")).unwrap();
+        let copy = StateDb::open(&dir.path().join("cp")).unwrap();
+        assert_eq!(copy.hashes().unwrap(), h1);
+
+        let mut b = PendingBatch::default();
+        put(&mut b.data, "m1\0k", Some("w"));
+        db.commit(b).unwrap();
+        let h2 = db.hashes().unwrap();
+        assert_ne!(h2.store, h1.store);
+        assert_ne!(h2.machines["m1"], h1.machines["m1"]);
+        assert_eq!(h2.machines["m2"], h1.machines["m2"]);
+    }
+
+    #[test]
+    fn prefix_end_is_exclusive_upper_bound() {
+        assert_eq!(prefix_end(b"ab\0"), b"ab\x01".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff\xff"), Vec::<u8>::new());
+    }
+}

@@ -1,0 +1,174 @@
+//! The replicated vocabulary: what goes into the Raft log and what applying it returns.
+//!
+//! Everything here is serialized with postcard into log entries and peer RPCs, so
+//! changing a variant's shape changes the on-disk format.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Raft node id. Derived from the member name, peer URL and cluster token the way etcd
+/// derives member ids, so every node computes the same id for a member.
+pub type NodeId = u64;
+
+/// What the cluster knows about a member.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub name: String,
+    pub peer_url: String,
+}
+
+impl fmt::Display for Member {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}={}", self.name, self.peer_url)
+    }
+}
+
+/// A command replicated through the log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Request {
+    /// Run `apply` of machine `machine` on `payload`.
+    Call {
+        machine: String,
+        payload: Vec<u8>,
+        /// The leader's wall clock when it accepted the command (ms since the epoch).
+        timestamp_ms: u64,
+    },
+    /// Install or upgrade a machine. `wasm` is always a component (the proposing node
+    /// componentizes core modules before proposing), already validated.
+    InstallModule { name: String, wasm: Vec<u8>, fuel: u64, memory_bytes: u64 },
+    /// Remove a machine and all of its state.
+    RemoveModule { name: String },
+}
+
+/// The result of applying one log entry, handed back to the proposing client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// Membership or blank entries.
+    Empty,
+    /// The guest's `ok` bytes.
+    Output(Vec<u8>),
+    Installed { sha256: String, size: u64 },
+    Removed,
+    /// The command did nothing, identically on every replica.
+    Failed(ApplyError),
+}
+
+/// Why a command was discarded. Deterministic: every replica computes the same one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{kind}: {message}")]
+pub struct ApplyError {
+    pub kind: ApplyErrorKind,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ApplyErrorKind {
+    /// The guest returned `err`.
+    Rejected,
+    /// The guest trapped.
+    Trap,
+    OutOfFuel,
+    OutOfMemory,
+    NoSuchMachine,
+    InvalidModule,
+}
+
+impl fmt::Display for ApplyErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ApplyErrorKind::Rejected => "rejected by machine",
+            ApplyErrorKind::Trap => "guest trap",
+            ApplyErrorKind::OutOfFuel => "guest ran out of fuel",
+            ApplyErrorKind::OutOfMemory => "guest exceeded its memory limit",
+            ApplyErrorKind::NoSuchMachine => "no such machine",
+            ApplyErrorKind::InvalidModule => "invalid module",
+        })
+    }
+}
+
+impl ApplyError {
+    pub fn new(kind: ApplyErrorKind, message: impl Into<String>) -> Self {
+        Self { kind, message: message.into() }
+    }
+}
+
+openraft::declare_raft_types!(
+    /// openraft type configuration for raftvm.
+    pub TypeConfig:
+        D = Request,
+        R = Response,
+        NodeId = NodeId,
+        Node = Member,
+        SnapshotData = std::io::Cursor<Vec<u8>>,
+);
+
+pub type LogId = openraft::LogId<NodeId>;
+pub type Entry = openraft::Entry<TypeConfig>;
+pub type StoredMembership = openraft::StoredMembership<NodeId, Member>;
+pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, Member>;
+pub type Raft = openraft::Raft<TypeConfig>;
+pub type StorageError = openraft::StorageError<NodeId>;
+
+/// Machine names: what may follow `raftvm module install`.
+pub fn validate_machine_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid machine name {name:?}: use 1-63 characters from [a-z0-9._-], starting with a letter or digit"
+        ))
+    }
+}
+
+pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_allocvec(v).expect("postcard encoding into a Vec cannot fail")
+}
+
+pub fn decode<T: for<'a> Deserialize<'a>>(b: &[u8]) -> Result<T, postcard::Error> {
+    postcard::from_bytes(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_roundtrip_through_postcard() {
+        let e = Entry {
+            log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(3, 7), 42),
+            payload: openraft::EntryPayload::Normal(Request::Call {
+                machine: "kv".into(),
+                payload: vec![1, 2, 3],
+                timestamp_ms: 99,
+            }),
+        };
+        let back: Entry = decode(&encode(&e)).unwrap();
+        assert_eq!(back.log_id, e.log_id);
+        match back.payload {
+            openraft::EntryPayload::Normal(Request::Call { machine, payload, timestamp_ms }) => {
+                assert_eq!((machine.as_str(), payload, timestamp_ms), ("kv", vec![1, 2, 3], 99));
+            }
+            other => panic!("unexpected payload {other:?}"),
+        }
+        let mut nodes = std::collections::BTreeMap::new();
+        nodes.insert(1u64, Member { name: "a".into(), peer_url: "http://x".into() });
+        let m = openraft::Membership::new(vec![[1u64].into_iter().collect()], nodes);
+        let e2 = Entry { log_id: e.log_id, payload: openraft::EntryPayload::Membership(m.clone()) };
+        let back: Entry = decode(&encode(&e2)).unwrap();
+        assert!(matches!(back.payload, openraft::EntryPayload::Membership(ref m2) if *m2 == m));
+    }
+
+    #[test]
+    fn machine_names() {
+        assert!(validate_machine_name("kv").is_ok());
+        assert!(validate_machine_name("my-counter_2.v1").is_ok());
+        for bad in ["", "Kv", "-x", "a/b", "a\0b", &"x".repeat(64)] {
+            assert!(validate_machine_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}
