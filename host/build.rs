@@ -8,9 +8,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={}", root.join(f).display());
     }
     let fds = protox::compile(files, [&root])?;
-    tonic_prost_build::configure()
-        .build_client(true)
-        .build_server(true)
-        .compile_fds(fds)?;
+    tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(fds)?;
+
+    // etcd's v3 API, written to etcd 3.4's wire format (see proto/etcd).
+    let etcd = root.join("etcd");
+    let etcd_files = ["etcdserverpb/rpc.proto", "mvccpb/kv.proto", "authpb/auth.proto"];
+    for f in &etcd_files {
+        println!("cargo:rerun-if-changed={}", etcd.join(f).display());
+    }
+    let fds = protox::compile(etcd_files, [&etcd])?;
+    tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(fds)?;
     Ok(())
 }

@@ -30,4 +30,14 @@ pub mod proto {
     pub mod admin {
         tonic::include_proto!("raftvm.admin.v1");
     }
+    // etcd's packages are siblings so their cross-references (`super::mvccpb`) resolve.
+    pub mod etcdserverpb {
+        tonic::include_proto!("etcdserverpb");
+    }
+    pub mod mvccpb {
+        tonic::include_proto!("mvccpb");
+    }
+    pub mod authpb {
+        tonic::include_proto!("authpb");
+    }
 }

@@ -14,6 +14,8 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::api::admin::AdminService;
+use crate::api::etcd_kv::{KvService, KV_MACHINE};
+use crate::proto::etcdserverpb::kv_server::KvServer;
 use crate::config::{bind_addr, first_url, ServeConfig};
 use crate::node::{Node, PeerService};
 use crate::proto::admin::admin_server::AdminServer;
@@ -26,6 +28,13 @@ use crate::types::Raft;
 /// Log entries kept after a snapshot so slow followers can catch up without one (etcd's
 /// snapshot catch-up entries), capped by `--snapshot-count`.
 const CATCHUP_ENTRIES: u64 = 5000;
+/// What etcd allows on top of --max-request-bytes for gRPC framing.
+const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
+
+/// The etcd key-value machine (guest-examples/kv-mvcc), built into the binary so a new
+/// cluster speaks etcd's API with no user action. `scripts/test.sh` rebuilds it from
+/// source and fails if this copy is stale.
+pub static DEFAULT_KV_MODULE: &[u8] = include_bytes!("../assets/kv-mvcc.wasm");
 
 pub struct Server {
     pub node: Arc<Node>,
@@ -97,10 +106,16 @@ impl Server {
         let admin = AdminServer::new(AdminService { node: node.clone() })
             .max_decoding_message_size(max_msg)
             .max_encoding_message_size(usize::MAX);
+        // etcd accepts requests up to --max-request-bytes plus gRPC overhead, and refuses
+        // larger ones with "etcdserver: request is too large" (checked in the service).
+        let kv = KvServer::new(KvService { node: node.clone(), max_request_bytes: cfg.max_request_bytes as usize })
+            .max_decoding_message_size(cfg.max_request_bytes as usize + GRPC_OVERHEAD_BYTES)
+            .max_encoding_message_size(usize::MAX);
         let mut s = stopped.clone();
         tasks.push(tokio::spawn(async move {
             let r = tonic::transport::Server::builder()
                 .add_service(admin)
+                .add_service(kv)
                 .serve_with_incoming_shutdown(TcpListenerStream::new(client_listener), async move {
                     let _ = s.wait_for(|v| *v).await;
                 })
@@ -111,6 +126,7 @@ impl Server {
         }));
 
         tasks.push(tokio::spawn(leader_callbacks(node.clone(), stopped.clone())));
+        tasks.push(tokio::spawn(install_default_kv(node.clone(), stopped.clone())));
 
         if cfg.initial_cluster_state == "new" {
             if !raft.is_initialized().await? {
@@ -156,6 +172,49 @@ async fn leader_callbacks(node: Arc<Node>, mut stopped: watch::Receiver<bool>) {
             was_leader = is_leader;
             let shared = node.shared.clone();
             let _ = tokio::task::spawn_blocking(move || shared.runtime.leader_changed(&shared.db(), is_leader, term)).await;
+        }
+        tokio::select! {
+            r = metrics.changed() => if r.is_err() { return },
+            _ = stopped.wait_for(|v| *v) => return,
+        }
+    }
+}
+
+/// Whenever this node leads a cluster that never had the default `kv` machine, propose it.
+/// The entry is a no-op on clusters that already saw it (see `Request::InstallDefault`).
+async fn install_default_kv(node: Arc<Node>, mut stopped: watch::Receiver<bool>) {
+    let mut metrics = node.raft.metrics();
+    loop {
+        let is_leader = metrics.borrow_and_update().state == ServerState::Leader;
+        if is_leader {
+            let shared = node.shared.clone();
+            let db = shared.db();
+            let needed = !db.default_installed(KV_MACHINE).unwrap_or(true);
+            if needed {
+                let wasm = match tokio::task::spawn_blocking(move || shared.runtime.validate(DEFAULT_KV_MODULE)).await {
+                    Ok(Ok(w)) => w,
+                    other => {
+                        tracing::error!("built-in kv module is invalid: {other:?}");
+                        return;
+                    }
+                };
+                let req = crate::types::Request::InstallDefault {
+                    name: KV_MACHINE.to_string(),
+                    wasm,
+                    fuel: crate::runtime::DEFAULT_FUEL,
+                    memory_bytes: crate::runtime::DEFAULT_MEMORY_BYTES,
+                };
+                match node.propose(req).await {
+                    Ok(_) => tracing::info!("installed the built-in kv machine"),
+                    Err(e) => {
+                        tracing::warn!("installing the built-in kv machine: {e}; retrying");
+                        // Back off before retrying a failed proposal (not synchronization).
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+                continue;
+            }
+            return;
         }
         tokio::select! {
             r = metrics.changed() => if r.is_err() { return },

@@ -39,6 +39,10 @@ pub enum Request {
     InstallModule { name: String, wasm: Vec<u8>, fuel: u64, memory_bytes: u64 },
     /// Remove a machine and all of its state.
     RemoveModule { name: String },
+    /// Install a built-in default machine (the etcd `kv` module) when a cluster is new.
+    /// Applied at most once per cluster: a replica that has already seen it for `name`
+    /// ignores it, so a later upgrade or removal by the user is never undone.
+    InstallDefault { name: String, wasm: Vec<u8>, fuel: u64, memory_bytes: u64 },
 }
 
 /// The result of applying one log entry, handed back to the proposing client.

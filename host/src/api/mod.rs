@@ -1,6 +1,7 @@
 //! gRPC services on the client URL, and the one place internal errors become gRPC status.
 
 pub mod admin;
+pub mod etcd_kv;
 
 use crate::node::NodeError;
 use crate::types::{ApplyError, ApplyErrorKind};
@@ -22,4 +23,20 @@ pub fn apply_status(e: ApplyError) -> tonic::Status {
         ApplyErrorKind::NoSuchMachine => tonic::Status::not_found(msg),
         ApplyErrorKind::InvalidModule => tonic::Status::invalid_argument(msg),
     }
+}
+
+/// etcd's error strings → the gRPC codes etcd uses for them (clients map them back to
+/// typed errors by code and message, so both must match etcd's `rpctypes`).
+pub fn etcd_status(msg: &str) -> tonic::Status {
+    use tonic::Code;
+    let code = match msg {
+        "etcdserver: mvcc: required revision has been compacted"
+        | "etcdserver: mvcc: required revision is a future revision" => Code::OutOfRange,
+        "etcdserver: requested lease not found" => Code::NotFound,
+        "etcdserver: mvcc: database space exceeded" => Code::ResourceExhausted,
+        "etcdserver: no leader" | "etcdserver: request timed out" | "etcdserver: leader changed" => Code::Unavailable,
+        m if m.starts_with("etcdserver: ") => Code::InvalidArgument,
+        _ => Code::Unknown,
+    };
+    tonic::Status::new(code, msg)
 }

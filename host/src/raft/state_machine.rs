@@ -118,6 +118,21 @@ impl StateMachineStore {
         Ok(())
     }
 
+    fn install(&self, batch: &mut PendingBatch, name: String, wasm: Vec<u8>, fuel: u64, memory_bytes: u64, index: u64) -> Response {
+        let sha = sha256_hex(&wasm);
+        let record = ModuleRecord { name, sha256: sha.clone(), size: wasm.len() as u64, fuel, memory_bytes, installed_index: index };
+        // Validated before it was proposed, so this only fails if the engine differs
+        // between nodes; every node answers the same either way.
+        match self.shared.runtime.load(record.clone(), &wasm) {
+            Ok(()) => {
+                batch.blobs.push((sha.clone().into_bytes(), wasm));
+                batch.put_module(&record);
+                Response::Installed { sha256: sha, size: record.size }
+            }
+            Err(e) => Response::Failed(ApplyError::new(ApplyErrorKind::InvalidModule, format!("{e:#}"))),
+        }
+    }
+
     fn apply_entries(&self, entries: Vec<Entry>) -> anyhow::Result<Vec<Response>> {
         let shared = &self.shared;
         let db = shared.db();
@@ -147,20 +162,16 @@ impl StateMachineStore {
                         Err(e) => responses.push(Response::Failed(e)),
                     }
                 }
-                EntryPayload::Normal(Request::InstallModule { name, wasm, fuel, memory_bytes }) => {
-                    let sha = sha256_hex(&wasm);
-                    let record =
-                        ModuleRecord { name, sha256: sha.clone(), size: wasm.len() as u64, fuel, memory_bytes, installed_index: index };
-                    // Validated before it was proposed, so this only fails if the engine
-                    // differs between nodes; every node answers the same either way.
-                    match rt.load(record.clone(), &wasm) {
-                        Ok(()) => {
-                            batch.blobs.push((sha.clone().into_bytes(), wasm));
-                            batch.put_module(&record);
-                            responses.push(Response::Installed { sha256: sha, size: record.size });
-                        }
-                        Err(e) => responses.push(Response::Failed(ApplyError::new(ApplyErrorKind::InvalidModule, format!("{e:#}")))),
+                EntryPayload::Normal(Request::InstallDefault { name, wasm, fuel, memory_bytes }) => {
+                    if batch.default_marked(&name) || db.default_installed(&name)? {
+                        responses.push(Response::Empty);
+                        continue;
                     }
+                    batch.mark_default_installed(&name);
+                    responses.push(self.install(&mut batch, name, wasm, fuel, memory_bytes, index));
+                }
+                EntryPayload::Normal(Request::InstallModule { name, wasm, fuel, memory_bytes }) => {
+                    responses.push(self.install(&mut batch, name, wasm, fuel, memory_bytes, index));
                 }
                 EntryPayload::Normal(Request::RemoveModule { name }) => {
                     if rt.machine(&name).is_none() {
@@ -241,7 +252,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError> {
         let this = self.clone();
         let meta = meta.clone();
-        tokio::task::spawn_blocking(move || this.install(&meta, snapshot.into_inner()))
+        tokio::task::spawn_blocking(move || this.install_snapshot_data(&meta, snapshot.into_inner()))
             .await
             .map_err(|e| snap_err(ErrorVerb::Write, e))?
             .map_err(|e| snap_err(ErrorVerb::Write, e))
@@ -258,7 +269,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 }
 
 impl StateMachineStore {
-    fn install(&self, meta: &SnapshotMeta, tarball: Vec<u8>) -> anyhow::Result<()> {
+    fn install_snapshot_data(&self, meta: &SnapshotMeta, tarball: Vec<u8>) -> anyhow::Result<()> {
         let root = state_root(&self.shared.data_dir);
         let seq = self.shared.snapshot_seq.fetch_add(1, Ordering::SeqCst) + 1;
         let name = format!("state-{seq}");

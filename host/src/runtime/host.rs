@@ -24,7 +24,8 @@ pub struct HostState {
     events: Vec<(Vec<u8>, Vec<u8>)>,
     writable: bool,
     memory_cap: usize,
-    oom: bool,
+    /// Set when the limiter refused memory growth: the reason reported to the client.
+    oom: Option<String>,
     /// A failure of the node's own storage while the guest ran: the call must not count.
     fault: Option<anyhow::Error>,
 }
@@ -42,7 +43,7 @@ impl HostState {
             events: Vec::new(),
             writable: false,
             memory_cap: usize::try_from(record.memory_bytes).unwrap_or(usize::MAX),
-            oom: false,
+            oom: None,
             fault: None,
         }
     }
@@ -51,8 +52,8 @@ impl HostState {
         &self.db
     }
 
-    pub(super) fn out_of_memory(&self) -> bool {
-        self.oom
+    pub(super) fn out_of_memory(&self) -> Option<String> {
+        self.oom.clone()
     }
 
     pub(super) fn begin(&mut self, base: Overlay, writable: bool) {
@@ -60,7 +61,7 @@ impl HostState {
         self.cmd = Overlay::default();
         self.events.clear();
         self.writable = writable;
-        self.oom = false;
+        self.oom = None;
         self.fault = None;
     }
 
@@ -177,8 +178,9 @@ impl log::Host for HostState {
 impl wasmtime::ResourceLimiter for HostState {
     fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         if desired > self.memory_cap {
-            self.oom = true;
-            return Err(wasmtime::Error::msg(format!("memory limit of {} bytes exceeded (wanted {desired})", self.memory_cap)));
+            let msg = format!("memory limit of {} bytes exceeded (wanted {desired})", self.memory_cap);
+            self.oom = Some(msg.clone());
+            return Err(wasmtime::Error::msg(msg));
         }
         Ok(true)
     }

@@ -370,15 +370,15 @@ impl Runtime {
 
 /// Turn a wasmtime error into the deterministic error every replica reports.
 fn classify(store: &Store<HostState>, e: wasmtime::Error) -> ApplyError {
-    if store.data().out_of_memory() {
-        return ApplyError::new(ApplyErrorKind::OutOfMemory, format!("out of memory: {e}"));
+    if let Some(msg) = store.data().out_of_memory() {
+        return ApplyError::new(ApplyErrorKind::OutOfMemory, msg);
     }
     match e.downcast_ref::<wasmtime::Trap>() {
-        Some(wasmtime::Trap::OutOfFuel) => {
-            ApplyError::new(ApplyErrorKind::OutOfFuel, "out of fuel: the command exceeded its fuel budget")
-        }
-        Some(t) => ApplyError::new(ApplyErrorKind::Trap, format!("trap: {t}")),
-        None => ApplyError::new(ApplyErrorKind::Trap, format!("trap: {e}")),
+        Some(wasmtime::Trap::OutOfFuel) => ApplyError::new(ApplyErrorKind::OutOfFuel, "the command exceeded its fuel budget"),
+        Some(t) => ApplyError::new(ApplyErrorKind::Trap, t.to_string()),
+        // Errors raised by host imports (e.g. a write during `query`): their own message,
+        // without the wasm backtrace wasmtime attaches as context.
+        None => ApplyError::new(ApplyErrorKind::Trap, format!("{}", e.root_cause())),
     }
 }
 

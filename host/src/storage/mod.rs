@@ -32,6 +32,7 @@ const CF_BLOBS: &str = "blobs";
 const KEY_APPLIED: &[u8] = b"applied";
 const KEY_MEMBERSHIP: &[u8] = b"membership";
 const MODULE_PREFIX: &[u8] = b"module/";
+const DEFAULT_PREFIX: &[u8] = b"default-installed/";
 
 /// A machine's record in `meta`, replicated like everything else in the state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -145,6 +146,11 @@ impl StateDb {
             out.push(decode(&v).context("decoding module record")?);
         }
         Ok(out)
+    }
+
+    /// Whether the built-in default machine `name` was ever installed in this cluster.
+    pub fn default_installed(&self, name: &str) -> Result<bool> {
+        Ok(self.db.get_cf(self.cf(CF_META), [DEFAULT_PREFIX, name.as_bytes()].concat())?.is_some())
     }
 
     pub fn blob(&self, sha256: &str) -> Result<Option<Vec<u8>>> {
@@ -291,6 +297,14 @@ impl PendingBatch {
 
     pub fn put_module(&mut self, rec: &ModuleRecord) {
         self.meta.insert(module_key(&rec.name), Some(encode(rec)));
+    }
+
+    pub fn mark_default_installed(&mut self, name: &str) {
+        self.meta.insert([DEFAULT_PREFIX, name.as_bytes()].concat(), Some(Vec::new()));
+    }
+
+    pub fn default_marked(&self, name: &str) -> bool {
+        self.meta.contains_key(&[DEFAULT_PREFIX, name.as_bytes()].concat())
     }
 
     pub fn remove_module(&mut self, name: &str) {
