@@ -55,6 +55,9 @@ pub struct ServeConfig {
     /// Maximum client request size in bytes the server will accept.
     #[arg(long, default_value_t = 1536 * 1024)]
     pub max_request_bytes: u64,
+    /// Raise alarms when backend size exceeds the given quota (0 defaults to 2 GiB, negative disables).
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub quota_backend_bytes: i64,
     /// Path to the server configuration file (YAML with etcd's keys).
     #[arg(long)]
     #[serde(skip)]
@@ -82,6 +85,15 @@ impl ServeConfig {
             serde_yaml_ng::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))?;
         c.config_file = Some(path);
         Ok(c)
+    }
+
+    /// The effective backend quota in bytes (0 = none), with etcd's default of 2 GiB.
+    pub fn quota_bytes(&self) -> u64 {
+        match self.quota_backend_bytes {
+            0 => 2 * 1024 * 1024 * 1024,
+            n if n < 0 => 0,
+            n => n as u64,
+        }
     }
 
     pub fn data_dir(&self) -> PathBuf {

@@ -15,7 +15,9 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::api::admin::AdminService;
 use crate::api::etcd_kv::{KvService, KV_MACHINE};
+use crate::api::maintenance::MaintenanceService;
 use crate::proto::etcdserverpb::kv_server::KvServer;
+use crate::proto::etcdserverpb::maintenance_server::MaintenanceServer;
 use crate::config::{bind_addr, first_url, ServeConfig};
 use crate::node::{Node, PeerService};
 use crate::proto::admin::admin_server::AdminServer;
@@ -108,14 +110,20 @@ impl Server {
             .max_encoding_message_size(usize::MAX);
         // etcd accepts requests up to --max-request-bytes plus gRPC overhead, and refuses
         // larger ones with "etcdserver: request is too large" (checked in the service).
-        let kv = KvServer::new(KvService { node: node.clone(), max_request_bytes: cfg.max_request_bytes as usize })
+        let kv = KvServer::new(KvService {
+            node: node.clone(),
+            max_request_bytes: cfg.max_request_bytes as usize,
+            quota_bytes: cfg.quota_bytes(),
+        })
             .max_decoding_message_size(cfg.max_request_bytes as usize + GRPC_OVERHEAD_BYTES)
             .max_encoding_message_size(usize::MAX);
+        let maint_node = node.clone();
         let mut s = stopped.clone();
         tasks.push(tokio::spawn(async move {
             let r = tonic::transport::Server::builder()
                 .add_service(admin)
                 .add_service(kv)
+                .add_service(MaintenanceServer::new(MaintenanceService { node: maint_node }))
                 .serve_with_incoming_shutdown(TcpListenerStream::new(client_listener), async move {
                     let _ = s.wait_for(|v| *v).await;
                 })

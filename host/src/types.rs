@@ -43,6 +43,8 @@ pub enum Request {
     /// Applied at most once per cluster: a replica that has already seen it for `name`
     /// ignores it, so a later upgrade or removal by the user is never undone.
     InstallDefault { name: String, wasm: Vec<u8>, fuel: u64, memory_bytes: u64 },
+    /// Raise or clear an etcd alarm (e.g. NOSPACE) for a member, cluster-wide.
+    Alarm { activate: bool, member_id: u64, alarm: i32 },
 }
 
 /// The result of applying one log entry, handed back to the proposing client.

@@ -28,6 +28,25 @@ const TAG_COMPACT: u8 = 5;
 pub struct KvService {
     pub node: Arc<Node>,
     pub max_request_bytes: usize,
+    /// `--quota-backend-bytes` (resolved; 0 = no quota).
+    pub quota_bytes: u64,
+}
+
+/// A response header as this member reports it.
+pub fn header(node: &Node, revision: i64) -> ResponseHeader {
+    ResponseHeader { cluster_id: node.cluster_id, member_id: node.id, revision, raft_term: node.term() }
+}
+
+const NOSPACE: i32 = AlarmType::Nospace as i32;
+const ERR_NOSPACE: &str = "etcdserver: mvcc: database space exceeded";
+
+/// Whether a txn may write new data (etcd's capped applier refuses those under NOSPACE).
+fn txn_has_put(t: &TxnRequest) -> bool {
+    t.success.iter().chain(&t.failure).any(|op| match &op.request {
+        Some(request_op::Request::RequestPut(_)) => true,
+        Some(request_op::Request::RequestTxn(t)) => txn_has_put(t),
+        _ => false,
+    })
 }
 
 /// Responses that carry a header the host completes.
@@ -61,11 +80,30 @@ impl KvService {
 
     fn finish<R: WithHeader>(&self, bytes: &[u8]) -> Result<Response<R>, Status> {
         let mut r = R::decode(bytes).map_err(|e| Status::internal(format!("kv machine answered garbage: {e}")))?;
-        let h = r.header_mut().get_or_insert_with(ResponseHeader::default);
-        h.cluster_id = self.node.cluster_id;
-        h.member_id = self.node.id;
-        h.raft_term = self.node.term();
+        let revision = r.header_mut().as_ref().map(|h| h.revision).unwrap_or(0);
+        *r.header_mut() = Some(header(&self.node, revision));
         Ok(Response::new(r))
+    }
+
+    /// etcd's space quota: while a NOSPACE alarm is active, or when this write would take
+    /// the store past the quota (which raises the alarm), new data is refused. Reads,
+    /// deletes and compactions still work, so an operator can free space and disarm.
+    async fn check_quota(&self, request_bytes: usize) -> Result<(), Status> {
+        let db = self.node.shared.db();
+        let alarms = db.alarms().map_err(|e| Status::internal(format!("{e:#}")))?;
+        if alarms.iter().any(|(_, a)| *a == NOSPACE) {
+            return Err(etcd_status(ERR_NOSPACE));
+        }
+        if self.quota_bytes > 0 {
+            let size = db.size().map_err(|e| Status::internal(format!("{e:#}")))?;
+            if size + request_bytes as u64 > self.quota_bytes {
+                tracing::warn!(size, quota = self.quota_bytes, "backend quota exceeded: raising NOSPACE alarm");
+                let raise = LogRequest::Alarm { activate: true, member_id: self.node.id, alarm: NOSPACE };
+                self.node.propose(raise).await.map_err(node_status)?;
+                return Err(etcd_status(ERR_NOSPACE));
+            }
+        }
+        Ok(())
     }
 
     async fn write<R: WithHeader>(&self, tag: u8, msg: &impl Message) -> Result<Response<R>, Status> {
@@ -95,7 +133,9 @@ impl Kv for KvService {
     }
 
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
-        self.write(TAG_PUT, &req.into_inner()).await
+        let r = req.into_inner();
+        self.check_quota(r.encoded_len()).await?;
+        self.write(TAG_PUT, &r).await
     }
 
     async fn delete_range(&self, req: Request<DeleteRangeRequest>) -> Result<Response<DeleteRangeResponse>, Status> {
@@ -103,7 +143,11 @@ impl Kv for KvService {
     }
 
     async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
-        self.write(TAG_TXN, &req.into_inner()).await
+        let r = req.into_inner();
+        if txn_has_put(&r) {
+            self.check_quota(r.encoded_len()).await?;
+        }
+        self.write(TAG_TXN, &r).await
     }
 
     async fn compact(&self, req: Request<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {

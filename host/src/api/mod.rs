@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod etcd_kv;
+pub mod maintenance;
 
 use crate::node::NodeError;
 use crate::types::{ApplyError, ApplyErrorKind};

@@ -170,6 +170,10 @@ impl StateMachineStore {
                     batch.mark_default_installed(&name);
                     responses.push(self.install(&mut batch, name, wasm, fuel, memory_bytes, index));
                 }
+                EntryPayload::Normal(Request::Alarm { activate, member_id, alarm }) => {
+                    batch.set_alarm(member_id, alarm, activate);
+                    responses.push(Response::Empty);
+                }
                 EntryPayload::Normal(Request::InstallModule { name, wasm, fuel, memory_bytes }) => {
                     responses.push(self.install(&mut batch, name, wasm, fuel, memory_bytes, index));
                 }

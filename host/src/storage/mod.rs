@@ -33,6 +33,7 @@ const KEY_APPLIED: &[u8] = b"applied";
 const KEY_MEMBERSHIP: &[u8] = b"membership";
 const MODULE_PREFIX: &[u8] = b"module/";
 const DEFAULT_PREFIX: &[u8] = b"default-installed/";
+const ALARM_PREFIX: &[u8] = b"alarm/";
 
 /// A machine's record in `meta`, replicated like everything else in the state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -151,6 +152,40 @@ impl StateDb {
     /// Whether the built-in default machine `name` was ever installed in this cluster.
     pub fn default_installed(&self, name: &str) -> Result<bool> {
         Ok(self.db.get_cf(self.cf(CF_META), [DEFAULT_PREFIX, name.as_bytes()].concat())?.is_some())
+    }
+
+    /// Active alarms as (member id, etcd AlarmType), in key order.
+    pub fn alarms(&self) -> Result<Vec<(u64, i32)>> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_META), IteratorMode::From(ALARM_PREFIX, Direction::Forward)) {
+            let (k, _) = item?;
+            let Some(rest) = k.strip_prefix(ALARM_PREFIX) else { break };
+            if rest.len() == 12 {
+                let member = u64::from_be_bytes(rest[..8].try_into().expect("8 bytes"));
+                let alarm = i32::from_be_bytes(rest[8..].try_into().expect("4 bytes"));
+                out.push((member, alarm));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Bytes the state occupies (SST files plus memtables, all column families).
+    pub fn size(&self) -> Result<u64> {
+        let mut total = 0;
+        for cf in [CF_DATA, CF_META, CF_BLOBS] {
+            for prop in ["rocksdb.total-sst-files-size", "rocksdb.cur-size-all-mem-tables"] {
+                total += self.db.property_int_value_cf(self.cf(cf), prop)?.unwrap_or(0);
+            }
+        }
+        Ok(total)
+    }
+
+    /// Rewrite all files so deleted data stops taking space (etcd's defragment).
+    pub fn defragment(&self) -> Result<()> {
+        for cf in [CF_DATA, CF_META, CF_BLOBS] {
+            self.db.compact_range_cf(self.cf(cf), None::<&[u8]>, None::<&[u8]>);
+        }
+        Ok(())
     }
 
     pub fn blob(&self, sha256: &str) -> Result<Option<Vec<u8>>> {
@@ -305,6 +340,11 @@ impl PendingBatch {
 
     pub fn default_marked(&self, name: &str) -> bool {
         self.meta.contains_key(&[DEFAULT_PREFIX, name.as_bytes()].concat())
+    }
+
+    pub fn set_alarm(&mut self, member_id: u64, alarm: i32, active: bool) {
+        let key = [ALARM_PREFIX, &member_id.to_be_bytes(), &alarm.to_be_bytes()].concat();
+        self.meta.insert(key, active.then(Vec::new));
     }
 
     pub fn remove_module(&mut self, name: &str) {

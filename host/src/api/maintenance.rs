@@ -1,0 +1,128 @@
+//! etcd's `Maintenance` service: status, alarms (NOSPACE), hash/hashKV, defragment.
+
+use std::sync::Arc;
+
+use prost::Message;
+use tonic::{Request, Response, Status};
+
+use super::etcd_kv::{header, KV_MACHINE};
+use super::{apply_status, etcd_status, node_status};
+use crate::node::Node;
+use crate::proto::etcdserverpb::maintenance_server::Maintenance;
+use crate::proto::etcdserverpb::*;
+use crate::types::{ApplyErrorKind, Request as LogRequest};
+
+/// The etcd API level raftvm speaks; clients gate features on the major.minor.
+pub const ETCD_API_VERSION: &str = "3.4.0";
+
+const TAG_HASHKV: u8 = 6;
+const TAG_STATUS: u8 = 7;
+
+pub struct MaintenanceService {
+    pub node: Arc<Node>,
+}
+
+impl MaintenanceService {
+    async fn kv_query<R: Message + Default>(&self, tag: u8, req: &impl Message, linearizable: bool) -> Result<R, Status> {
+        let mut b = vec![tag];
+        req.encode(&mut b).expect("Vec grows as needed");
+        match self.node.query(KV_MACHINE, b, linearizable).await.map_err(node_status)? {
+            Ok(out) => R::decode(out.as_slice()).map_err(|e| Status::internal(format!("kv machine answered garbage: {e}"))),
+            Err(e) if e.kind == ApplyErrorKind::Rejected => Err(etcd_status(&e.message)),
+            Err(e) => Err(apply_status(e)),
+        }
+    }
+
+    fn revision(&self, h: Option<ResponseHeader>) -> i64 {
+        h.map(|h| h.revision).unwrap_or(0)
+    }
+}
+
+type Stream<T> = std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Maintenance for MaintenanceService {
+    async fn alarm(&self, req: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
+        let r = req.into_inner();
+        let action = alarm_request::AlarmAction::try_from(r.action).unwrap_or(alarm_request::AlarmAction::Get);
+        if action != alarm_request::AlarmAction::Get {
+            let activate = action == alarm_request::AlarmAction::Activate;
+            self.node
+                .propose(LogRequest::Alarm { activate, member_id: r.member_id, alarm: r.alarm })
+                .await
+                .map_err(node_status)?;
+        } else {
+            self.node.read_barrier().await.map_err(node_status)?;
+        }
+        let alarms = if action == alarm_request::AlarmAction::Get {
+            let active = self.node.shared.db().alarms().map_err(|e| Status::internal(format!("{e:#}")))?;
+            active.into_iter().map(|(member_id, alarm)| AlarmMember { member_id, alarm }).collect()
+        } else {
+            // As etcd: the alarm that was raised or cleared.
+            vec![AlarmMember { member_id: r.member_id, alarm: r.alarm }]
+        };
+        Ok(Response::new(AlarmResponse { header: Some(header(&self.node, 0)), alarms }))
+    }
+
+    async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let kv: StatusResponse = self.kv_query(TAG_STATUS, &StatusRequest {}, false).await.unwrap_or_default();
+        let m = self.node.raft.metrics().borrow().clone();
+        let db = self.node.shared.db();
+        let size = db.size().unwrap_or(0) as i64;
+        let errors = db
+            .alarms()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(member, a)| format!("memberID:{member} alarm:{} ", AlarmType::try_from(a).map(|t| t.as_str_name()).unwrap_or("?")))
+            .collect();
+        Ok(Response::new(StatusResponse {
+            header: Some(header(&self.node, self.revision(kv.header))),
+            version: ETCD_API_VERSION.to_string(),
+            db_size: size,
+            leader: m.current_leader.unwrap_or(0),
+            raft_index: m.last_log_index.unwrap_or(0),
+            raft_term: m.current_term,
+            raft_applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+            errors,
+            db_size_in_use: size,
+            is_learner: false,
+        }))
+    }
+
+    async fn defragment(&self, _req: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
+        let db = self.node.shared.db();
+        tokio::task::spawn_blocking(move || db.defragment())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(format!("{e:#}")))?;
+        Ok(Response::new(DefragmentResponse { header: Some(header(&self.node, 0)) }))
+    }
+
+    async fn hash(&self, _req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        let db = self.node.shared.db();
+        let h = tokio::task::spawn_blocking(move || db.hashes())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(format!("{e:#}")))?;
+        let bytes = hex::decode(&h.store).map_err(|e| Status::internal(e.to_string()))?;
+        let hash = u32::from_be_bytes(bytes[..4].try_into().expect("sha256 has 32 bytes"));
+        Ok(Response::new(HashResponse { header: Some(header(&self.node, 0)), hash }))
+    }
+
+    async fn hash_kv(&self, req: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
+        let mut r: HashKvResponse = self.kv_query(TAG_HASHKV, &req.into_inner(), false).await?;
+        let rev = self.revision(r.header.take());
+        r.header = Some(header(&self.node, rev));
+        Ok(Response::new(r))
+    }
+
+    type SnapshotStream = Stream<SnapshotResponse>;
+
+    async fn snapshot(&self, _req: Request<SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
+        Err(Status::unimplemented("raftvm: snapshot save is not implemented yet"))
+    }
+
+    async fn move_leader(&self, _req: Request<MoveLeaderRequest>) -> Result<Response<MoveLeaderResponse>, Status> {
+        Err(Status::unimplemented("raftvm: move-leader is not implemented yet"))
+    }
+}
