@@ -58,6 +58,16 @@ pub struct ServeConfig {
     /// Raise alarms when backend size exceeds the given quota (0 defaults to 2 GiB, negative disables).
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub quota_backend_bytes: i64,
+    /// Interpret 'auto-compaction-retention' one of: periodic|revision.
+    #[arg(long, default_value = "periodic")]
+    pub auto_compaction_mode: String,
+    /// Auto compaction retention for mvcc key value store. 0 means disable auto compaction.
+    #[arg(long, default_value = "0")]
+    pub auto_compaction_retention: String,
+    /// How often revision-mode auto-compaction checks (etcd: fixed at 5 minutes).
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration, hide = true)]
+    #[serde(skip, default = "five_minutes")]
+    pub experimental_compaction_check_interval: std::time::Duration,
     /// Path to the server configuration file (YAML with etcd's keys).
     #[arg(long)]
     #[serde(skip)]
@@ -147,6 +157,10 @@ impl ServeConfig {
         h.update(self.initial_cluster_token.as_bytes());
         Ok(u64::from_be_bytes(h.finalize()[..8].try_into().expect("8 bytes")))
     }
+}
+
+fn five_minutes() -> std::time::Duration {
+    std::time::Duration::from_secs(300)
 }
 
 /// A member id from its name, peer URL and the cluster token (never 0).

@@ -15,6 +15,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod compactor;
 pub mod config;
 pub mod node;
 pub mod raft;

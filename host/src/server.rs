@@ -135,6 +135,14 @@ impl Server {
 
         tasks.push(tokio::spawn(leader_callbacks(node.clone(), stopped.clone())));
         tasks.push(tokio::spawn(install_default_kv(node.clone(), stopped.clone())));
+        if let Some(policy) = crate::compactor::policy(
+            &cfg.auto_compaction_mode,
+            &cfg.auto_compaction_retention,
+            cfg.experimental_compaction_check_interval,
+        )? {
+            tracing::info!(?policy, "auto-compaction enabled");
+            tasks.push(tokio::spawn(crate::compactor::run(node.clone(), policy, stopped.clone())));
+        }
 
         if cfg.initial_cluster_state == "new" {
             if !raft.is_initialized().await? {

@@ -1,0 +1,125 @@
+//! etcd's `--auto-compaction-mode` / `--auto-compaction-retention`: the leader proposes
+//! `Compact` requests to the kv machine.
+//!
+//! - `revision`: every check interval (etcd: 5 minutes), compact to `current - retention`.
+//! - `periodic`: keep `retention` worth of history. The current revision is sampled every
+//!   `retention / 10` (at most hourly); the compactor compacts to the newest sample that is
+//!   at least `retention` old.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use openraft::ServerState;
+use prost::Message;
+use tokio::sync::watch;
+
+use crate::api::etcd_kv::KV_MACHINE;
+use crate::node::Node;
+use crate::proto::etcdserverpb::{CompactionRequest, StatusRequest, StatusResponse};
+use crate::types::{Request, Response};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    Revision { keep: i64, every: Duration },
+    Periodic { retention: Duration },
+}
+
+/// Parse etcd's flags. Retention "0" disables auto-compaction (`None`).
+pub fn policy(mode: &str, retention: &str, revision_check: Duration) -> Result<Option<Policy>> {
+    let retention = retention.trim();
+    match mode {
+        "revision" => {
+            let keep: i64 = retention.parse().with_context(|| format!("--auto-compaction-retention {retention:?}: not a revision count"))?;
+            Ok((keep > 0).then_some(Policy::Revision { keep, every: revision_check }))
+        }
+        "periodic" => {
+            // etcd: a bare number is hours; otherwise a Go duration like "30m" or "1h".
+            let d = match retention.parse::<u64>() {
+                Ok(h) => Duration::from_secs(h * 3600),
+                Err(_) => humantime::parse_duration(retention)
+                    .with_context(|| format!("--auto-compaction-retention {retention:?}: not a duration"))?,
+            };
+            Ok((!d.is_zero()).then_some(Policy::Periodic { retention: d }))
+        }
+        other => bail!("--auto-compaction-mode must be 'periodic' or 'revision', got {other:?}"),
+    }
+}
+
+async fn current_revision(node: &Node) -> Option<i64> {
+    let mut b = vec![7u8];
+    StatusRequest {}.encode(&mut b).ok()?;
+    let out = node.query(KV_MACHINE, b, false).await.ok()?.ok()?;
+    StatusResponse::decode(out.as_slice()).ok()?.header.map(|h| h.revision)
+}
+
+async fn compact(node: &Node, revision: i64) {
+    let mut payload = vec![5u8];
+    CompactionRequest { revision, physical: false }.encode(&mut payload).expect("Vec grows");
+    match node.propose(Request::Call { machine: KV_MACHINE.into(), payload, timestamp_ms: 0 }).await {
+        Ok((Response::Output(_), _)) => tracing::info!(revision, "auto-compacted"),
+        Ok((other, _)) => tracing::debug!(revision, "auto-compaction: {other:?}"),
+        Err(e) => tracing::warn!(revision, "auto-compaction: {e}"),
+    }
+}
+
+/// Runs for the node's lifetime; acts only while this node is the leader.
+pub async fn run(node: Arc<Node>, policy: Policy, mut stopped: watch::Receiver<bool>) {
+    let tick = match policy {
+        Policy::Revision { every, .. } => every,
+        Policy::Periodic { retention } => (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(3600)),
+    };
+    let mut samples: VecDeque<(Instant, i64)> = VecDeque::new();
+    let mut last_compacted = 0i64;
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = stopped.wait_for(|v| *v) => return,
+        }
+        if node.raft.metrics().borrow().state != ServerState::Leader {
+            samples.clear();
+            continue;
+        }
+        let Some(rev) = current_revision(&node).await else { continue };
+        let target = match policy {
+            Policy::Revision { keep, .. } => rev - keep,
+            Policy::Periodic { retention } => {
+                let now = Instant::now();
+                samples.push_back((now, rev));
+                let mut target = 0;
+                while let Some(&(t, r)) = samples.front() {
+                    if now.duration_since(t) >= retention {
+                        target = r;
+                        samples.pop_front();
+                    } else {
+                        break;
+                    }
+                }
+                target
+            }
+        };
+        if target > last_compacted && target > 1 {
+            compact(&node, target).await;
+            last_compacted = target;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_etcd_flags() {
+        let five = Duration::from_secs(300);
+        assert_eq!(policy("periodic", "0", five).unwrap(), None);
+        assert_eq!(policy("periodic", "1", five).unwrap(), Some(Policy::Periodic { retention: Duration::from_secs(3600) }));
+        assert_eq!(policy("periodic", "30m", five).unwrap(), Some(Policy::Periodic { retention: Duration::from_secs(1800) }));
+        assert_eq!(policy("revision", "1000", five).unwrap(), Some(Policy::Revision { keep: 1000, every: five }));
+        assert!(policy("revision", "1h", five).is_err());
+        assert!(policy("hourly", "1", five).is_err());
+    }
+}
