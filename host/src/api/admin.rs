@@ -81,10 +81,8 @@ impl Admin for AdminService {
 
     async fn call(&self, req: Req<CallRequest>) -> Result<Resp<CallResponse>, Status> {
         let r = req.into_inner();
-        if self.node.shared.runtime.machine(&r.machine).is_none() {
-            // Checked again at apply; this only spares the log an entry that must fail.
-            return Err(Status::not_found(format!("no such machine: machine {:?} is not installed", r.machine)));
-        }
+        // No local "is it installed?" check: this node may not have applied an install the
+        // client already saw acknowledged. Apply answers NoSuchMachine, identically everywhere.
         let (resp, index) = self
             .node
             .propose(Request::Call { machine: r.machine, payload: r.payload, timestamp_ms: 0 })

@@ -25,6 +25,9 @@ const TAG_DELETE: u8 = 3;
 const TAG_TXN: u8 = 4;
 const TAG_COMPACT: u8 = 5;
 
+/// What etcd's gRPC server accepts on top of --max-request-bytes.
+pub const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
+
 pub struct KvService {
     pub node: Arc<Node>,
     pub max_request_bytes: usize,
@@ -39,6 +42,15 @@ pub fn header(node: &Node, revision: i64) -> ResponseHeader {
 
 const NOSPACE: i32 = AlarmType::Nospace as i32;
 const ERR_NOSPACE: &str = "etcdserver: mvcc: database space exceeded";
+
+/// A txn whose branches (and nested txns) only read.
+fn txn_is_read_only(t: &TxnRequest) -> bool {
+    t.success.iter().chain(&t.failure).all(|op| match &op.request {
+        Some(request_op::Request::RequestRange(_)) | None => true,
+        Some(request_op::Request::RequestTxn(t)) => txn_is_read_only(t),
+        _ => false,
+    })
+}
 
 /// Whether a txn may write new data (etcd's capped applier refuses those under NOSPACE).
 fn txn_has_put(t: &TxnRequest) -> bool {
@@ -71,8 +83,24 @@ fn frame(tag: u8, msg: &impl Message) -> Vec<u8> {
 }
 
 impl KvService {
-    fn check_size(&self, msg: &impl Message) -> Result<(), Status> {
-        if msg.encoded_len() > self.max_request_bytes {
+    /// etcd's two size limits. gRPC refuses any message over `--max-request-bytes` plus
+    /// 512 KiB with grpc-go's own error; requests that go through raft are refused from
+    /// `--max-request-bytes` on, measured on etcd's internal raft request, which wraps the
+    /// request in a field (1-byte tag + length) next to a request header (13 bytes: a
+    /// 10-byte varint id in a 1-byte-tagged, 1-byte-length field).
+    fn check_grpc_size(&self, msg: &impl Message) -> Result<(), Status> {
+        let len = msg.encoded_len();
+        let max = self.max_request_bytes + GRPC_OVERHEAD_BYTES;
+        if len > max {
+            return Err(Status::resource_exhausted(format!("grpc: received message larger than max ({len} vs. {max})")));
+        }
+        Ok(())
+    }
+
+    fn check_raft_size(&self, msg: &impl Message) -> Result<(), Status> {
+        let len = msg.encoded_len();
+        let internal = 13 + 1 + prost::encoding::encoded_len_varint(len as u64) + len;
+        if internal > self.max_request_bytes {
             return Err(Status::invalid_argument("etcdserver: request is too large"));
         }
         Ok(())
@@ -106,8 +134,13 @@ impl KvService {
         Ok(())
     }
 
-    async fn write<R: WithHeader>(&self, tag: u8, msg: &impl Message) -> Result<Response<R>, Status> {
-        self.check_size(msg)?;
+    /// Replicate a write. `raft_limited`: whether etcd would size-check it as a raft
+    /// request (it serves read-only txns without raft, so those have no such limit).
+    async fn write<R: WithHeader>(&self, tag: u8, msg: &impl Message, raft_limited: bool) -> Result<Response<R>, Status> {
+        self.check_grpc_size(msg)?;
+        if raft_limited {
+            self.check_raft_size(msg)?;
+        }
         let call = LogRequest::Call { machine: KV_MACHINE.to_string(), payload: frame(tag, msg), timestamp_ms: 0 };
         let (resp, _) = self.node.propose(call).await.map_err(node_status)?;
         match resp {
@@ -123,7 +156,7 @@ impl KvService {
 impl Kv for KvService {
     async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
         let r = req.into_inner();
-        self.check_size(&r)?;
+        self.check_grpc_size(&r)?;
         let out = self.node.query(KV_MACHINE, frame(TAG_RANGE, &r), !r.serializable).await.map_err(node_status)?;
         match out {
             Ok(b) => self.finish(&b),
@@ -135,11 +168,11 @@ impl Kv for KvService {
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let r = req.into_inner();
         self.check_quota(r.encoded_len()).await?;
-        self.write(TAG_PUT, &r).await
+        self.write(TAG_PUT, &r, true).await
     }
 
     async fn delete_range(&self, req: Request<DeleteRangeRequest>) -> Result<Response<DeleteRangeResponse>, Status> {
-        self.write(TAG_DELETE, &req.into_inner()).await
+        self.write(TAG_DELETE, &req.into_inner(), true).await
     }
 
     async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
@@ -147,10 +180,11 @@ impl Kv for KvService {
         if txn_has_put(&r) {
             self.check_quota(r.encoded_len()).await?;
         }
-        self.write(TAG_TXN, &r).await
+        let raft_limited = !txn_is_read_only(&r);
+        self.write(TAG_TXN, &r, raft_limited).await
     }
 
     async fn compact(&self, req: Request<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
-        self.write(TAG_COMPACT, &req.into_inner()).await
+        self.write(TAG_COMPACT, &req.into_inner(), true).await
     }
 }
