@@ -113,7 +113,12 @@ fn run(args: Vec<String>) -> Result<()> {
                     join(&only_b)
                 );
             }
-            println!("{} and {} export the same {} functions", a.display(), b.display(), ea.len());
+            println!(
+                "{} and {} export the same {} functions",
+                a.display(),
+                b.display(),
+                ea.len()
+            );
             Ok(())
         }
         _ => bail!("{USAGE}"),
@@ -128,7 +133,11 @@ fn join<S: AsRef<str>>(items: &[S]) -> String {
     if items.is_empty() {
         return "(none)".into();
     }
-    items.iter().map(|s| s.as_ref()).collect::<Vec<_>>().join(", ")
+    items
+        .iter()
+        .map(|s| s.as_ref())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Core module + embedded metadata -> component. Components pass through.
@@ -157,7 +166,9 @@ fn machine_world(wit: Option<&Path>) -> Result<(Resolve, WorldId)> {
                 .with_context(|| format!("parsing {}", path.display()))?
                 .0
         }
-        None => resolve.push_str("wit/machine.wit", MACHINE_WIT).context("parsing the built-in wit/machine.wit")?,
+        None => resolve
+            .push_str("wit/machine.wit", MACHINE_WIT)
+            .context("parsing the built-in wit/machine.wit")?,
     };
     let world = resolve.select_world(&[pkg], Some(WORLD))?;
     Ok((resolve, world))
@@ -183,7 +194,8 @@ fn check_component(resolve: &Resolve, world: WorldId, bytes: &[u8]) -> Result<Su
     let mut depth = 0usize;
     for payload in wasmparser::Parser::new(0).parse_all(bytes) {
         match payload? {
-            wasmparser::Payload::ModuleSection { .. } | wasmparser::Payload::ComponentSection { .. } => depth += 1,
+            wasmparser::Payload::ModuleSection { .. }
+            | wasmparser::Payload::ComponentSection { .. } => depth += 1,
             wasmparser::Payload::End(_) => depth = depth.saturating_sub(1),
             wasmparser::Payload::ComponentImportSection(s) if depth == 0 => {
                 for import in s {
@@ -227,9 +239,16 @@ fn decode_component(bytes: &[u8]) -> Result<(Resolve, WorldId)> {
 
 fn component_wit(bytes: &[u8]) -> Result<String> {
     let (resolve, world) = decode_component(bytes)?;
-    let pkg = resolve.worlds[world].package.context("decoded world has no package")?;
+    let pkg = resolve.worlds[world]
+        .package
+        .context("decoded world has no package")?;
     // Print the dependencies (raftvm:machine) after the synthesised root package.
-    let nested: Vec<_> = resolve.packages.iter().map(|(id, _)| id).filter(|id| *id != pkg).collect();
+    let nested: Vec<_> = resolve
+        .packages
+        .iter()
+        .map(|(id, _)| id)
+        .filter(|id| *id != pkg)
+        .collect();
     let mut printer = WitPrinter::default();
     printer.print(&resolve, pkg, &nested)?;
     Ok(format!("{}\n", printer.output))
@@ -252,7 +271,11 @@ fn export_signatures(bytes: &[u8]) -> Result<BTreeSet<String>> {
                     .map(str::trim)
                     .find(|l| l.starts_with(&prefix))
                     .with_context(|| format!("export {name} not found in the printed WIT"))?;
-                out.insert(line.trim_start_matches("export ").trim_end_matches(';').to_string());
+                out.insert(
+                    line.trim_start_matches("export ")
+                        .trim_end_matches(';')
+                        .to_string(),
+                );
             }
             (key, _) => {
                 out.insert(resolve.name_world_key(key));

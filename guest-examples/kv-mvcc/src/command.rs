@@ -1,0 +1,130 @@
+//! The host <-> kv-mvcc command encoding: one tag byte, then a protobuf
+//! etcd request. The `ok` bytes are the protobuf of the matching response,
+//! `header.revision` set; cluster_id, member_id and raft_term are left 0 for
+//! the host to fill.
+//!
+//! | tag | request              | response             | apply | query |
+//! |-----|----------------------|----------------------|-------|-------|
+//! | 1   | `RangeRequest`       | `RangeResponse`      | yes   | yes   |
+//! | 2   | `PutRequest`         | `PutResponse`        | yes   | no    |
+//! | 3   | `DeleteRangeRequest` | `DeleteRangeResponse`| yes   | no    |
+//! | 4   | `TxnRequest`         | `TxnResponse`        | yes   | no    |
+//! | 5   | `CompactionRequest`  | `CompactionResponse` | yes   | no    |
+//! | 6   | `HashKVRequest`      | `HashKVResponse`     | no    | yes   |
+//! | 7   | `StatusRequest`      | `StatusResponse` (only header.revision) | no | yes |
+
+use prost::Message;
+
+use crate::error::{Error, Result};
+use crate::host::{Events, Leases, Store};
+use crate::mvcc;
+use crate::pb::etcdserverpb::{
+    CompactionRequest, DeleteRangeRequest, HashKvRequest, PutRequest, RangeRequest, StatusRequest,
+    TxnRequest,
+};
+
+pub const TAG_RANGE: u8 = 1;
+pub const TAG_PUT: u8 = 2;
+pub const TAG_DELETE_RANGE: u8 = 3;
+pub const TAG_TXN: u8 = 4;
+pub const TAG_COMPACTION: u8 = 5;
+pub const TAG_HASH_KV: u8 = 6;
+pub const TAG_STATUS: u8 = 7;
+
+/// `tag` followed by `msg`'s protobuf encoding.
+pub fn encode(tag: u8, msg: &impl Message) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + msg.encoded_len());
+    out.push(tag);
+    msg.encode(&mut out).expect("Vec grows");
+    out
+}
+
+fn split(command: &[u8]) -> Result<(u8, &[u8])> {
+    match command.split_first() {
+        Some((&tag, body)) => Ok((tag, body)),
+        None => Err(Error::BadCommand("empty command".into())),
+    }
+}
+
+fn decode<M: Message + Default>(name: &str, body: &[u8]) -> Result<M> {
+    M::decode(body).map_err(|e| Error::BadCommand(format!("malformed {name}: {e}")))
+}
+
+/// `apply`: tags 1-5.
+pub fn apply<S, L, E>(s: &mut S, leases: &mut L, events: &mut E, command: &[u8]) -> Result<Vec<u8>>
+where
+    S: Store + ?Sized,
+    L: Leases + ?Sized,
+    E: Events + ?Sized,
+{
+    let (tag, body) = split(command)?;
+    Ok(match tag {
+        TAG_RANGE => {
+            mvcc::range_request(s, &decode::<RangeRequest>("RangeRequest", body)?)?.encode_to_vec()
+        }
+        TAG_PUT => mvcc::put_request(
+            s,
+            leases,
+            events,
+            &decode::<PutRequest>("PutRequest", body)?,
+        )?
+        .encode_to_vec(),
+        TAG_DELETE_RANGE => {
+            let d = decode::<DeleteRangeRequest>("DeleteRangeRequest", body)?;
+            mvcc::delete_range_request(s, leases, events, &d)?.encode_to_vec()
+        }
+        TAG_TXN => mvcc::txn_request(
+            s,
+            leases,
+            events,
+            &decode::<TxnRequest>("TxnRequest", body)?,
+        )?
+        .encode_to_vec(),
+        TAG_COMPACTION => {
+            mvcc::compact_request(s, &decode::<CompactionRequest>("CompactionRequest", body)?)?
+                .encode_to_vec()
+        }
+        other => {
+            return Err(Error::BadCommand(format!(
+                "kv-mvcc cannot apply command tag {other}"
+            )))
+        }
+    })
+}
+
+/// `query`: tags 1, 6 and 7; the store is read-only.
+pub fn query<S: Store + ?Sized>(s: &S, request: &[u8]) -> Result<Vec<u8>> {
+    let (tag, body) = split(request)?;
+    Ok(match tag {
+        TAG_RANGE => {
+            mvcc::range_request(s, &decode::<RangeRequest>("RangeRequest", body)?)?.encode_to_vec()
+        }
+        TAG_HASH_KV => mvcc::hash_kv_request(s, &decode::<HashKvRequest>("HashKVRequest", body)?)?
+            .encode_to_vec(),
+        TAG_STATUS => {
+            decode::<StatusRequest>("StatusRequest", body)?;
+            mvcc::status_request(s)?.encode_to_vec()
+        }
+        other => {
+            return Err(Error::BadCommand(format!(
+                "kv-mvcc cannot answer query tag {other}"
+            )))
+        }
+    })
+}
+
+/// `on-lease-revoked`.
+pub fn lease_revoked<S, L, E>(
+    s: &mut S,
+    leases: &mut L,
+    events: &mut E,
+    lease: i64,
+    keys: &[Vec<u8>],
+) -> Result<()>
+where
+    S: Store + ?Sized,
+    L: Leases + ?Sized,
+    E: Events + ?Sized,
+{
+    mvcc::lease_revoked(s, leases, events, lease, keys).map(|_| ())
+}

@@ -1,0 +1,1133 @@
+//! etcd v3.4's MVCC key-value semantics over a [`Store`].
+//!
+//! The functions here follow etcd's `etcdserver/apply.go` (request-level
+//! semantics), `etcdserver/api/v3rpc/key.go` (request validation) and
+//! `mvcc/kvstore*.go` (revisions) rule for rule; comments name the rule where
+//! etcd's behaviour is surprising. Records are laid out as described in
+//! [`crate::layout`].
+
+use std::cmp::Ordering;
+use std::collections::BTreeSet;
+
+use prost::Message;
+
+use crate::crc32c::Crc32c;
+use crate::error::{Error, Result, MAX_TXN_OPS};
+use crate::host::{Events, Leases, Store};
+use crate::layout::{self, IndexEntry, Rev};
+use crate::pb::etcdserverpb::{
+    compare::{CompareResult, CompareTarget, TargetUnion},
+    range_request::{SortOrder, SortTarget},
+    request_op::Request,
+    response_op::Response,
+    CompactionRequest, CompactionResponse, Compare, DeleteRangeRequest, DeleteRangeResponse,
+    HashKvRequest, HashKvResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, RequestOp,
+    ResponseHeader, ResponseOp, StatusResponse, TxnRequest, TxnResponse,
+};
+use crate::pb::mvccpb::{event::EventType, Event, KeyValue};
+
+/// Entries fetched per `scan` call when paging.
+const PAGE: u32 = 256;
+
+/// Value of an `h/` record for a delete. A put's record is an encoded
+/// `KeyValue` without its key (the store key has it); its create_revision is
+/// never 0, so the encoding is never empty and starts with a field tag, never
+/// with a zero byte: one `0x00` byte cannot be mistaken for a put.
+const TOMBSTONE: &[u8] = &[0];
+
+fn read_i64<S: Store + ?Sized>(s: &S, key: &[u8], default: i64) -> Result<i64> {
+    match s.get(key) {
+        None => Ok(default),
+        Some(v) => v
+            .as_slice()
+            .try_into()
+            .map(i64::from_be_bytes)
+            .map_err(|_| {
+                Error::Corrupt(format!(
+                    "{} is {} bytes",
+                    String::from_utf8_lossy(key),
+                    v.len()
+                ))
+            }),
+    }
+}
+
+/// The store's current revision: 1 for an empty store, as etcd.
+pub fn current_rev<S: Store + ?Sized>(s: &S) -> Result<i64> {
+    read_i64(s, layout::META_REV, 1)
+}
+
+/// The revision of the last compaction; -1 if never compacted, as etcd.
+pub fn compacted_rev<S: Store + ?Sized>(s: &S) -> Result<i64> {
+    read_i64(s, layout::META_COMPACT, -1)
+}
+
+fn header(revision: i64) -> Option<ResponseHeader> {
+    Some(ResponseHeader {
+        revision,
+        ..Default::default()
+    })
+}
+
+/// What a read sees: the current revision and the compacted one.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct View {
+    pub cur: i64,
+    pub compacted: i64,
+}
+
+impl View {
+    pub fn of<S: Store + ?Sized>(s: &S) -> Result<View> {
+        Ok(View {
+            cur: current_rev(s)?,
+            compacted: compacted_rev(s)?,
+        })
+    }
+}
+
+/// The upper end of a key range, decoded from etcd's `range_end`.
+#[derive(Debug, Clone, Copy)]
+enum End<'a> {
+    /// Empty `range_end`: only `key`.
+    Single,
+    /// `"\0"`: every key >= `key`.
+    Unbounded,
+    /// `[key, end)`.
+    Until(&'a [u8]),
+}
+
+fn end_of(range_end: &[u8]) -> End<'_> {
+    match range_end {
+        [] => End::Single,
+        [0] => End::Unbounded,
+        e => End::Until(e),
+    }
+}
+
+struct RangeOpts {
+    /// <= 0: latest.
+    rev: i64,
+    /// <= 0: all.
+    limit: i64,
+    count_only: bool,
+    /// Whether the caller needs values (latest reads can skip fetching them).
+    need_value: bool,
+}
+
+struct Found {
+    kvs: Vec<KeyValue>,
+    /// Number of keys in the range at the revision, regardless of `limit`.
+    count: i64,
+}
+
+fn corrupt_kv(what: &[u8]) -> Error {
+    Error::Corrupt(format!(
+        "undecodable record {:?}",
+        String::from_utf8_lossy(what)
+    ))
+}
+
+/// Decodes an `h/` record value of `key`; `None` for a tombstone.
+fn decode_hist(key: &[u8], v: &[u8]) -> Result<Option<KeyValue>> {
+    if v == TOMBSTONE {
+        return Ok(None);
+    }
+    let mut kv = KeyValue::decode(v).map_err(|_| corrupt_kv(key))?;
+    kv.key = key.to_vec();
+    Ok(Some(kv))
+}
+
+fn index_entry<S: Store + ?Sized>(s: &S, key: &[u8]) -> Result<Option<IndexEntry>> {
+    match s.get(&layout::index_key(key)) {
+        None => Ok(None),
+        Some(v) => IndexEntry::decode(&v)
+            .map(Some)
+            .ok_or_else(|| corrupt_kv(key)),
+    }
+}
+
+/// The latest key-value of a live key, from its index entry (and its `h/`
+/// record when the value is needed).
+fn load_kv<S: Store + ?Sized>(
+    s: &S,
+    key: &[u8],
+    ie: &IndexEntry,
+    need_value: bool,
+) -> Result<KeyValue> {
+    if !need_value {
+        return Ok(KeyValue {
+            key: key.to_vec(),
+            create_revision: ie.create_revision,
+            mod_revision: ie.modified.main,
+            version: ie.version,
+            value: Vec::new(),
+            lease: ie.lease,
+        });
+    }
+    let hk = layout::hist_key(key, ie.modified);
+    let v = s.get(&hk).ok_or_else(|| {
+        Error::Corrupt(format!(
+            "missing history record for {:?}",
+            String::from_utf8_lossy(key)
+        ))
+    })?;
+    decode_hist(key, &v)?.ok_or_else(|| corrupt_kv(key))
+}
+
+/// State of `key` at revision `rev` from the history (`None`: absent).
+fn kv_at<S: Store + ?Sized>(s: &S, key: &[u8], rev: i64) -> Result<Option<KeyValue>> {
+    let lo = layout::hist_prefix(key);
+    let hi = layout::hist_key(key, Rev::new(rev + 1, 0));
+    match s.scan(&lo, &hi, true, 1).into_iter().next() {
+        None => Ok(None),
+        Some((_, v)) => decode_hist(key, &v),
+    }
+}
+
+/// Calls `f` on every entry of `[start, end)` in key order, paging.
+fn for_each<S: Store + ?Sized>(
+    s: &S,
+    start: Vec<u8>,
+    end: &[u8],
+    mut f: impl FnMut(Vec<u8>, Vec<u8>) -> Result<()>,
+) -> Result<()> {
+    let mut start = start;
+    loop {
+        if !end.is_empty() && start.as_slice() >= end {
+            return Ok(());
+        }
+        let page = s.scan(&start, end, false, PAGE);
+        let Some((last, _)) = page.last() else {
+            return Ok(());
+        };
+        let mut next = last.clone();
+        next.push(0);
+        for (k, v) in page {
+            f(k, v)?;
+        }
+        start = next;
+    }
+}
+
+/// etcd's `storeTxnRead.rangeKeys`: the keys of `[key, end)` at `o.rev`.
+fn range_keys<S: Store + ?Sized>(
+    s: &S,
+    view: View,
+    key: &[u8],
+    end: End,
+    o: RangeOpts,
+) -> Result<Found> {
+    let mut rev = o.rev;
+    if rev > view.cur {
+        return Err(Error::FutureRev);
+    }
+    if rev <= 0 {
+        rev = view.cur;
+    }
+    if rev < view.compacted {
+        return Err(Error::Compacted);
+    }
+    let mut found = Found {
+        kvs: Vec::new(),
+        count: 0,
+    };
+    let wants_more =
+        |found: &Found| !o.count_only && (o.limit <= 0 || (found.kvs.len() as i64) < o.limit);
+    if let End::Until(e) = end {
+        if e <= key {
+            return Ok(found);
+        }
+    }
+
+    if rev == view.cur {
+        // Latest: the index holds exactly the live keys.
+        match end {
+            End::Single => {
+                if let Some(ie) = index_entry(s, key)? {
+                    found.count = 1;
+                    if wants_more(&found) {
+                        found.kvs.push(load_kv(s, key, &ie, o.need_value)?);
+                    }
+                }
+            }
+            End::Unbounded | End::Until(_) => {
+                let stop = match end {
+                    End::Until(e) => layout::index_key(e),
+                    _ => layout::INDEX_END.to_vec(),
+                };
+                for_each(s, layout::index_key(key), &stop, |k, v| {
+                    found.count += 1;
+                    if wants_more(&found) {
+                        let user_key = &k[layout::INDEX.len()..];
+                        let ie = IndexEntry::decode(&v).ok_or_else(|| corrupt_kv(user_key))?;
+                        found.kvs.push(load_kv(s, user_key, &ie, o.need_value)?);
+                    }
+                    Ok(())
+                })?;
+            }
+        }
+        return Ok(found);
+    }
+
+    // A past revision: each key's newest history record at or below `rev`.
+    match end {
+        End::Single => {
+            if let Some(kv) = kv_at(s, key, rev)? {
+                found.count = 1;
+                if wants_more(&found) {
+                    found.kvs.push(kv);
+                }
+            }
+        }
+        End::Unbounded | End::Until(_) => {
+            let stop = match end {
+                End::Until(e) => layout::hist_prefix(e),
+                _ => layout::HIST_END.to_vec(),
+            };
+            let mut start = layout::hist_prefix(key);
+            // One step per distinct key: find it, read its state, skip past it.
+            while start < stop {
+                let Some((hk, _)) = s.scan(&start, &stop, false, 1).into_iter().next() else {
+                    break;
+                };
+                let (user_key, _) = layout::parse_hist_key(&hk).ok_or_else(|| corrupt_kv(&hk))?;
+                if let Some(kv) = kv_at(s, &user_key, rev)? {
+                    found.count += 1;
+                    if wants_more(&found) {
+                        found.kvs.push(kv);
+                    }
+                }
+                start = layout::hist_after(&user_key);
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// etcd's `checkRangeRequest` (gRPC-level validation).
+fn check_range_request(r: &RangeRequest) -> Result<()> {
+    if r.key.is_empty() {
+        return Err(Error::EmptyKey);
+    }
+    Ok(())
+}
+
+/// etcd's `checkPutRequest`.
+fn check_put_request(r: &PutRequest) -> Result<()> {
+    if r.key.is_empty() {
+        return Err(Error::EmptyKey);
+    }
+    if r.ignore_value && !r.value.is_empty() {
+        return Err(Error::ValueProvided);
+    }
+    if r.ignore_lease && r.lease != 0 {
+        return Err(Error::LeaseProvided);
+    }
+    Ok(())
+}
+
+/// etcd's `checkDeleteRequest`.
+fn check_delete_request(r: &DeleteRangeRequest) -> Result<()> {
+    if r.key.is_empty() {
+        return Err(Error::EmptyKey);
+    }
+    Ok(())
+}
+
+/// A Range (top level, in a txn, or a query). `view.cur` is the revision the
+/// response reports.
+pub(crate) fn range<S: Store + ?Sized>(
+    s: &S,
+    view: View,
+    r: &RangeRequest,
+) -> Result<RangeResponse> {
+    let mut limit = r.limit;
+    if r.sort_order != SortOrder::None as i32
+        || r.min_mod_revision != 0
+        || r.max_mod_revision != 0
+        || r.min_create_revision != 0
+        || r.max_create_revision != 0
+    {
+        // Fetch everything; sort and truncate afterwards.
+        limit = 0;
+    }
+    if limit > 0 {
+        // One extra for `more`; Go's int64 wraps on overflow, so must we.
+        limit = limit.wrapping_add(1);
+    }
+    let need_value = !r.keys_only || r.sort_target == SortTarget::Value as i32;
+    let Found { mut kvs, count } = range_keys(
+        s,
+        view,
+        &r.key,
+        end_of(&r.range_end),
+        RangeOpts {
+            rev: r.revision,
+            limit,
+            count_only: r.count_only,
+            need_value,
+        },
+    )?;
+
+    // Filters prune `kvs` but not `count` (etcd's rule).
+    if r.max_mod_revision != 0 {
+        kvs.retain(|kv| kv.mod_revision <= r.max_mod_revision);
+    }
+    if r.min_mod_revision != 0 {
+        kvs.retain(|kv| kv.mod_revision >= r.min_mod_revision);
+    }
+    if r.max_create_revision != 0 {
+        kvs.retain(|kv| kv.create_revision <= r.max_create_revision);
+    }
+    if r.min_create_revision != 0 {
+        kvs.retain(|kv| kv.create_revision >= r.min_create_revision);
+    }
+
+    // etcd: a target other than KEY with order NONE sorts ascending; results
+    // are otherwise already in key order. The sort is stable, so ties keep key
+    // order (etcd's sort.Sort is not stable in general but is on <= 12 items).
+    let mut order = r.sort_order;
+    if r.sort_target != SortTarget::Key as i32 && order == SortOrder::None as i32 {
+        order = SortOrder::Ascend as i32;
+    }
+    if order != SortOrder::None as i32 {
+        let cmp: Option<fn(&KeyValue, &KeyValue) -> Ordering> =
+            match SortTarget::try_from(r.sort_target) {
+                Ok(SortTarget::Key) => Some(|a, b| a.key.cmp(&b.key)),
+                Ok(SortTarget::Version) => Some(|a, b| a.version.cmp(&b.version)),
+                Ok(SortTarget::Create) => Some(|a, b| a.create_revision.cmp(&b.create_revision)),
+                Ok(SortTarget::Mod) => Some(|a, b| a.mod_revision.cmp(&b.mod_revision)),
+                Ok(SortTarget::Value) => Some(|a, b| a.value.cmp(&b.value)),
+                Err(_) => None,
+            };
+        if let Some(cmp) = cmp {
+            if order == SortOrder::Ascend as i32 {
+                kvs.sort_by(cmp);
+            } else if order == SortOrder::Descend as i32 {
+                kvs.sort_by(|a, b| cmp(b, a));
+            }
+        }
+    }
+
+    let mut more = false;
+    if r.limit > 0 && kvs.len() as i64 > r.limit {
+        kvs.truncate(r.limit as usize);
+        more = true;
+    }
+    if r.keys_only {
+        for kv in &mut kvs {
+            kv.value.clear();
+        }
+    }
+    Ok(RangeResponse {
+        header: header(view.cur),
+        kvs,
+        more,
+        count,
+    })
+}
+
+/// A write request in progress: one main revision, sub-revisions per change.
+pub(crate) struct Writer<'a, S: ?Sized, L: ?Sized, E: ?Sized> {
+    pub s: &'a mut S,
+    pub leases: &'a mut L,
+    pub events: &'a mut E,
+    begin: i64,
+    compacted: i64,
+    changes: i64,
+}
+
+impl<'a, S: Store + ?Sized, L: Leases + ?Sized, E: Events + ?Sized> Writer<'a, S, L, E> {
+    pub fn new(s: &'a mut S, leases: &'a mut L, events: &'a mut E) -> Result<Self> {
+        let View { cur, compacted } = View::of(s)?;
+        Ok(Writer {
+            s,
+            leases,
+            events,
+            begin: cur,
+            compacted,
+            changes: 0,
+        })
+    }
+
+    /// What reads inside this request see (etcd's `storeTxnWrite.Range`).
+    pub fn view(&self) -> View {
+        View {
+            cur: self.begin + i64::from(self.changes > 0),
+            compacted: self.compacted,
+        }
+    }
+
+    fn next(&self) -> Rev {
+        Rev::new(self.begin + 1, self.changes)
+    }
+
+    fn emit(&mut self, key: &[u8], ev: Event) {
+        self.events.emit(key, &ev.encode_to_vec());
+    }
+
+    /// etcd's `storeTxnWrite.put`; returns the response revision.
+    fn put(&mut self, key: &[u8], value: Vec<u8>, lease: i64) -> Result<i64> {
+        let rev = self.next();
+        let prev_ie = index_entry(self.s, key)?;
+        let prev_kv = match &prev_ie {
+            Some(ie) => Some(load_kv(self.s, key, ie, true)?),
+            None => None,
+        };
+        let (create_revision, version) = match &prev_ie {
+            Some(ie) => (ie.create_revision, ie.version + 1),
+            None => (rev.main, 1),
+        };
+        // The history record leaves the key out: the store key holds it.
+        let mut kv = KeyValue {
+            key: Vec::new(),
+            create_revision,
+            mod_revision: rev.main,
+            version,
+            value,
+            lease,
+        };
+        self.s.set(&layout::hist_key(key, rev), &kv.encode_to_vec());
+        kv.key = key.to_vec();
+        self.s.set(&layout::rev_key(rev), key);
+        self.s.set(
+            &layout::index_key(key),
+            &IndexEntry {
+                modified: rev,
+                create_revision,
+                version,
+                lease,
+            }
+            .encode(),
+        );
+        let old = prev_ie.map_or(0, |ie| ie.lease);
+        if old != 0 && old != lease {
+            self.leases.detach(old, key);
+        }
+        if lease != 0 && lease != old {
+            self.leases.attach(lease, key);
+        }
+        self.emit(
+            key,
+            Event {
+                r#type: EventType::Put as i32,
+                kv: Some(kv),
+                prev_kv,
+            },
+        );
+        self.changes += 1;
+        Ok(rev.main)
+    }
+
+    /// etcd's `storeTxnWrite.delete` of one live key, `prev` its current kv.
+    fn delete(&mut self, prev: KeyValue, detach: bool) {
+        let rev = self.next();
+        let key = prev.key.clone();
+        self.s.set(&layout::hist_key(&key, rev), TOMBSTONE);
+        self.s.set(&layout::rev_key(rev), &key);
+        self.s.remove(&layout::index_key(&key));
+        if detach && prev.lease != 0 {
+            self.leases.detach(prev.lease, &key);
+        }
+        let kv = KeyValue {
+            key: key.clone(),
+            mod_revision: rev.main,
+            ..Default::default()
+        };
+        self.emit(
+            &key,
+            Event {
+                r#type: EventType::Delete as i32,
+                kv: Some(kv),
+                prev_kv: Some(prev),
+            },
+        );
+        self.changes += 1;
+    }
+
+    /// etcd's `storeTxnWrite.DeleteRange`: the deleted key-values and the
+    /// response revision (unchanged when nothing was written so far).
+    fn delete_range(&mut self, key: &[u8], end: End) -> Result<(Vec<KeyValue>, i64)> {
+        let opts = RangeOpts {
+            rev: 0,
+            limit: 0,
+            count_only: false,
+            need_value: true,
+        };
+        let Found { kvs, .. } = range_keys(self.s, self.view(), key, end, opts)?;
+        for kv in &kvs {
+            self.delete(kv.clone(), true);
+        }
+        let rev = if !kvs.is_empty() || self.changes > 0 {
+            self.begin + 1
+        } else {
+            self.begin
+        };
+        Ok((kvs, rev))
+    }
+
+    /// Ends the request: records the new revision if anything changed and
+    /// returns the store revision after the request.
+    pub fn finish(self) -> i64 {
+        if self.changes > 0 {
+            self.s
+                .set(layout::META_REV, &(self.begin + 1).to_be_bytes());
+            self.begin + 1
+        } else {
+            self.begin
+        }
+    }
+}
+
+/// A Put. `top_level`: not inside a txn (a txn checks leases beforehand).
+pub(crate) fn put<S, L, E>(
+    w: &mut Writer<S, L, E>,
+    p: &PutRequest,
+    top_level: bool,
+) -> Result<PutResponse>
+where
+    S: Store + ?Sized,
+    L: Leases + ?Sized,
+    E: Events + ?Sized,
+{
+    let mut value = p.value.clone();
+    let mut lease = p.lease;
+    if top_level && lease != 0 && !w.leases.is_live(lease) {
+        return Err(Error::LeaseNotFound);
+    }
+    let mut prev = None;
+    if p.ignore_value || p.ignore_lease || p.prev_kv {
+        let opts = RangeOpts {
+            rev: 0,
+            limit: 0,
+            count_only: false,
+            need_value: true,
+        };
+        prev = range_keys(w.s, w.view(), &p.key, End::Single, opts)?
+            .kvs
+            .into_iter()
+            .next();
+    }
+    if (p.ignore_value || p.ignore_lease) && prev.is_none() {
+        return Err(Error::KeyNotFound);
+    }
+    if let Some(prev) = &prev {
+        if p.ignore_value {
+            value = prev.value.clone();
+        }
+        if p.ignore_lease {
+            lease = prev.lease;
+        }
+    }
+    let revision = w.put(&p.key, value, lease)?;
+    Ok(PutResponse {
+        header: header(revision),
+        prev_kv: if p.prev_kv { prev } else { None },
+    })
+}
+
+pub(crate) fn delete_range<S, L, E>(
+    w: &mut Writer<S, L, E>,
+    d: &DeleteRangeRequest,
+) -> Result<DeleteRangeResponse>
+where
+    S: Store + ?Sized,
+    L: Leases + ?Sized,
+    E: Events + ?Sized,
+{
+    let (deleted, revision) = w.delete_range(&d.key, end_of(&d.range_end))?;
+    Ok(DeleteRangeResponse {
+        header: header(revision),
+        deleted: deleted.len() as i64,
+        prev_kvs: if d.prev_kv { deleted } else { Vec::new() },
+    })
+}
+
+// ------------------------------------------------------------------ txn
+
+/// etcd's `checkTxnRequest`: sizes and empty keys, recursively; a nested txn
+/// gets the budget left after its parent's widest list.
+fn check_txn_request(r: &TxnRequest, max_ops: i64) -> Result<()> {
+    let opc = r.compare.len().max(r.success.len()).max(r.failure.len()) as i64;
+    if opc > max_ops {
+        return Err(Error::TooManyOps);
+    }
+    if r.compare.iter().any(|c| c.key.is_empty()) {
+        return Err(Error::EmptyKey);
+    }
+    for op in r.success.iter().chain(&r.failure) {
+        match &op.request {
+            Some(Request::RequestRange(x)) => check_range_request(x)?,
+            Some(Request::RequestPut(x)) => check_put_request(x)?,
+            Some(Request::RequestDeleteRange(x)) => check_delete_request(x)?,
+            Some(Request::RequestTxn(x)) => check_txn_request(x, max_ops - opc)?,
+            // etcd: "empty op / nil entry".
+            None => return Err(Error::KeyNotFound),
+        }
+    }
+    Ok(())
+}
+
+/// A deleted interval as etcd's `adt.StringAffineInterval`: `[begin, end)`
+/// compared bytewise. A single-key delete is `[key, key+"\0")`. A `"\0"`
+/// range end ("every key >= key") is taken literally, so such a delete
+/// overlaps no put: etcd 3.4 behaves so, and so does kv-mvcc.
+struct Interval {
+    begin: Vec<u8>,
+    end: Vec<u8>,
+}
+
+impl Interval {
+    fn contains(&self, k: &[u8]) -> bool {
+        self.begin.as_slice() <= k && k < self.end.as_slice()
+    }
+}
+
+fn intersects(dels: &[Interval], k: &[u8]) -> bool {
+    dels.iter().any(|d| d.contains(k))
+}
+
+/// etcd's `checkIntervals`: no key may be put twice, nor put and deleted, in
+/// one txn (then/else branches of one nested txn may put the same key).
+fn check_intervals(ops: &[RequestOp]) -> Result<(BTreeSet<Vec<u8>>, Vec<Interval>)> {
+    let mut dels = Vec::new();
+    for op in ops {
+        if let Some(Request::RequestDeleteRange(d)) = &op.request {
+            let end = if d.range_end.is_empty() {
+                let mut e = d.key.clone();
+                e.push(0);
+                e
+            } else {
+                d.range_end.clone()
+            };
+            dels.push(Interval {
+                begin: d.key.clone(),
+                end,
+            });
+        }
+    }
+    let mut puts = BTreeSet::new();
+    for op in ops {
+        let Some(Request::RequestTxn(t)) = &op.request else {
+            continue;
+        };
+        let (puts_then, dels_then) = check_intervals(&t.success)?;
+        let (puts_else, dels_else) = check_intervals(&t.failure)?;
+        for k in &puts_then {
+            if puts.contains(k) || intersects(&dels, k) {
+                return Err(Error::DuplicateKey);
+            }
+            puts.insert(k.clone());
+        }
+        for k in puts_else {
+            if puts.contains(&k) && !puts_then.contains(&k) {
+                return Err(Error::DuplicateKey);
+            }
+            if intersects(&dels, &k) {
+                return Err(Error::DuplicateKey);
+            }
+            puts.insert(k);
+        }
+        dels.extend(dels_then);
+        dels.extend(dels_else);
+    }
+    for op in ops {
+        let Some(Request::RequestPut(p)) = &op.request else {
+            continue;
+        };
+        if puts.contains(&p.key) || intersects(&dels, &p.key) {
+            return Err(Error::DuplicateKey);
+        }
+        puts.insert(p.key.clone());
+    }
+    Ok((puts, dels))
+}
+
+/// Which branch a txn takes, and the same for each nested txn of that branch,
+/// all decided on the state before the txn (etcd's `compareToPath`).
+struct Path {
+    succeeded: bool,
+    nested: Vec<Path>,
+}
+
+fn compare_to_path<S: Store + ?Sized>(s: &S, view: View, r: &TxnRequest) -> Path {
+    let succeeded = r.compare.iter().all(|c| apply_compare(s, view, c));
+    let ops = if succeeded { &r.success } else { &r.failure };
+    let nested = ops
+        .iter()
+        .filter_map(|op| match &op.request {
+            Some(Request::RequestTxn(t)) => Some(compare_to_path(s, view, t)),
+            _ => None,
+        })
+        .collect();
+    Path { succeeded, nested }
+}
+
+/// etcd's `applyCompare`: every key of the range must satisfy the compare; a
+/// missing key compares as a zero KeyValue, except that VALUE fails.
+fn apply_compare<S: Store + ?Sized>(s: &S, view: View, c: &Compare) -> bool {
+    let need_value = c.target == CompareTarget::Value as i32;
+    let opts = RangeOpts {
+        rev: 0,
+        limit: 0,
+        count_only: false,
+        need_value,
+    };
+    let Ok(found) = range_keys(s, view, &c.key, end_of(&c.range_end), opts) else {
+        return false;
+    };
+    if found.kvs.is_empty() {
+        if need_value {
+            return false;
+        }
+        return compare_kv(c, &KeyValue::default());
+    }
+    found.kvs.iter().all(|kv| compare_kv(c, kv))
+}
+
+fn compare_kv(c: &Compare, kv: &KeyValue) -> bool {
+    let int = |f: fn(&TargetUnion) -> Option<i64>| c.target_union.as_ref().and_then(f).unwrap_or(0);
+    let result = match CompareTarget::try_from(c.target) {
+        Ok(CompareTarget::Value) => {
+            let v: &[u8] = match &c.target_union {
+                Some(TargetUnion::Value(v)) => v,
+                _ => &[],
+            };
+            kv.value.as_slice().cmp(v)
+        }
+        Ok(CompareTarget::Create) => kv.create_revision.cmp(&int(|t| {
+            if let TargetUnion::CreateRevision(x) = t {
+                Some(*x)
+            } else {
+                None
+            }
+        })),
+        Ok(CompareTarget::Mod) => kv.mod_revision.cmp(&int(|t| {
+            if let TargetUnion::ModRevision(x) = t {
+                Some(*x)
+            } else {
+                None
+            }
+        })),
+        Ok(CompareTarget::Version) => kv.version.cmp(&int(|t| {
+            if let TargetUnion::Version(x) = t {
+                Some(*x)
+            } else {
+                None
+            }
+        })),
+        Ok(CompareTarget::Lease) => kv.lease.cmp(&int(|t| {
+            if let TargetUnion::Lease(x) = t {
+                Some(*x)
+            } else {
+                None
+            }
+        })),
+        Err(_) => Ordering::Equal,
+    };
+    match CompareResult::try_from(c.result) {
+        Ok(CompareResult::Equal) => result == Ordering::Equal,
+        Ok(CompareResult::NotEqual) => result != Ordering::Equal,
+        Ok(CompareResult::Greater) => result == Ordering::Greater,
+        Ok(CompareResult::Less) => result == Ordering::Less,
+        Err(_) => true,
+    }
+}
+
+/// etcd's `checkRequests`: `f` on every non-txn op of the taken branches.
+fn check_requests(
+    r: &TxnRequest,
+    path: &Path,
+    f: &mut dyn FnMut(&RequestOp) -> Result<()>,
+) -> Result<()> {
+    let ops = if path.succeeded {
+        &r.success
+    } else {
+        &r.failure
+    };
+    let mut nested = path.nested.iter();
+    for op in ops {
+        if let Some(Request::RequestTxn(t)) = &op.request {
+            let p = nested.next().expect("a path per nested txn");
+            check_requests(t, p, f)?;
+            continue;
+        }
+        f(op)?;
+    }
+    Ok(())
+}
+
+fn apply_ops<S, L, E>(w: &mut Writer<S, L, E>, r: &TxnRequest, path: &Path) -> Result<TxnResponse>
+where
+    S: Store + ?Sized,
+    L: Leases + ?Sized,
+    E: Events + ?Sized,
+{
+    let ops = if path.succeeded {
+        &r.success
+    } else {
+        &r.failure
+    };
+    let mut nested = path.nested.iter();
+    let mut responses = Vec::with_capacity(ops.len());
+    for op in ops {
+        let response = match &op.request {
+            Some(Request::RequestRange(x)) => {
+                Some(Response::ResponseRange(range(w.s, w.view(), x)?))
+            }
+            Some(Request::RequestPut(x)) => Some(Response::ResponsePut(put(w, x, false)?)),
+            Some(Request::RequestDeleteRange(x)) => {
+                Some(Response::ResponseDeleteRange(delete_range(w, x)?))
+            }
+            Some(Request::RequestTxn(x)) => {
+                let p = nested.next().expect("a path per nested txn");
+                Some(Response::ResponseTxn(apply_ops(w, x, p)?))
+            }
+            None => None,
+        };
+        responses.push(ResponseOp { response });
+    }
+    // Nested txn responses carry an empty header, as etcd's do.
+    Ok(TxnResponse {
+        header: Some(ResponseHeader::default()),
+        succeeded: path.succeeded,
+        responses,
+    })
+}
+
+/// A Txn. The caller finishes the writer.
+pub(crate) fn txn<S, L, E>(w: &mut Writer<S, L, E>, r: &TxnRequest) -> Result<TxnResponse>
+where
+    S: Store + ?Sized,
+    L: Leases + ?Sized,
+    E: Events + ?Sized,
+{
+    check_txn_request(r, MAX_TXN_OPS)?;
+    check_intervals(&r.success)?;
+    check_intervals(&r.failure)?;
+
+    let view = w.view();
+    let path = compare_to_path(w.s, view, r);
+    {
+        let (s, leases) = (&*w.s, &*w.leases);
+        check_requests(r, &path, &mut |op| {
+            let Some(Request::RequestPut(p)) = &op.request else {
+                return Ok(());
+            };
+            if p.ignore_value || p.ignore_lease {
+                let opts = RangeOpts {
+                    rev: 0,
+                    limit: 0,
+                    count_only: false,
+                    need_value: false,
+                };
+                if range_keys(s, view, &p.key, End::Single, opts)?
+                    .kvs
+                    .is_empty()
+                {
+                    return Err(Error::KeyNotFound);
+                }
+            }
+            if p.lease != 0 && !leases.is_live(p.lease) {
+                return Err(Error::LeaseNotFound);
+            }
+            Ok(())
+        })?;
+    }
+    check_requests(r, &path, &mut |op| {
+        let Some(Request::RequestRange(x)) = &op.request else {
+            return Ok(());
+        };
+        // etcd's checkRequestRange; note a negative revision below the
+        // compacted one (-1 when never compacted) counts as compacted here.
+        match x.revision {
+            0 => Ok(()),
+            rev if rev > view.cur => Err(Error::FutureRev),
+            rev if rev < view.compacted => Err(Error::Compacted),
+            _ => Ok(()),
+        }
+    })?;
+
+    let mut resp = apply_ops(w, r, &path)?;
+    resp.header = header(w.view().cur);
+    Ok(resp)
+}
+
+// ------------------------------------------------------------------ top level
+
+/// A top-level Range (applied through the log or answered as a query).
+pub fn range_request<S: Store + ?Sized>(s: &S, r: &RangeRequest) -> Result<RangeResponse> {
+    check_range_request(r)?;
+    range(s, View::of(s)?, r)
+}
+
+pub fn put_request<S, L, E>(
+    s: &mut S,
+    leases: &mut L,
+    events: &mut E,
+    p: &PutRequest,
+) -> Result<PutResponse>
+where
+    S: Store + ?Sized,
+    L: Leases + ?Sized,
+    E: Events + ?Sized,
+{
+    check_put_request(p)?;
+    let mut w = Writer::new(s, leases, events)?;
+    let resp = put(&mut w, p, true)?;
+    w.finish();
+    Ok(resp)
+}
+
+pub fn delete_range_request<S, L, E>(
+    s: &mut S,
+    leases: &mut L,
+    events: &mut E,
+    d: &DeleteRangeRequest,
+) -> Result<DeleteRangeResponse>
+where
+    S: Store + ?Sized,
+    L: Leases + ?Sized,
+    E: Events + ?Sized,
+{
+    check_delete_request(d)?;
+    let mut w = Writer::new(s, leases, events)?;
+    let resp = delete_range(&mut w, d)?;
+    w.finish();
+    Ok(resp)
+}
+
+pub fn txn_request<S, L, E>(
+    s: &mut S,
+    leases: &mut L,
+    events: &mut E,
+    r: &TxnRequest,
+) -> Result<TxnResponse>
+where
+    S: Store + ?Sized,
+    L: Leases + ?Sized,
+    E: Events + ?Sized,
+{
+    let mut w = Writer::new(s, leases, events)?;
+    let resp = txn(&mut w, r)?;
+    w.finish();
+    Ok(resp)
+}
+
+/// Compaction at `c.revision`: history at or below it is removed except the
+/// newest version of each key that is live there. Does not change the
+/// revision. `physical` is accepted and ignored (compaction is immediate).
+pub fn compact_request<S: Store + ?Sized>(
+    s: &mut S,
+    c: &CompactionRequest,
+) -> Result<CompactionResponse> {
+    let View { cur, compacted } = View::of(s)?;
+    let rev = c.revision;
+    if rev <= compacted {
+        return Err(Error::Compacted);
+    }
+    if rev > cur {
+        return Err(Error::FutureRev);
+    }
+    // Keys changed since the previous compaction, from the revision index.
+    let mut keys = BTreeSet::new();
+    let lo = layout::rev_key(Rev::new((compacted + 1).max(0), 0));
+    let hi = layout::rev_key(Rev::new(rev + 1, 0));
+    for_each(s, lo, &hi, |_, key| {
+        keys.insert(key);
+        Ok(())
+    })?;
+    for key in keys {
+        let lo = layout::hist_prefix(&key);
+        let above = layout::hist_key(&key, Rev::new(rev + 1, 0));
+        // The newest record at or below `rev` survives if it is a put.
+        let newest = s.scan(&lo, &above, true, 1).into_iter().next();
+        let stop = match newest {
+            Some((hk, v)) if v != TOMBSTONE => hk,
+            _ => above,
+        };
+        let mut doomed = Vec::new();
+        for_each(s, lo, &stop, |hk, _| {
+            doomed.push(hk);
+            Ok(())
+        })?;
+        for hk in doomed {
+            let (_, r) = layout::parse_hist_key(&hk).ok_or_else(|| corrupt_kv(&hk))?;
+            s.remove(&hk);
+            s.remove(&layout::rev_key(r));
+        }
+    }
+    s.set(layout::META_COMPACT, &rev.to_be_bytes());
+    Ok(CompactionResponse {
+        header: header(cur),
+    })
+}
+
+/// HashKV: a CRC-32C over every history record (store key and value) at or
+/// below the revision (0: latest), in store order. Equal on replicas that
+/// applied the same log.
+pub fn hash_kv_request<S: Store + ?Sized>(s: &S, r: &HashKvRequest) -> Result<HashKvResponse> {
+    let View { cur, compacted } = View::of(s)?;
+    let mut rev = r.revision;
+    if rev > 0 && rev <= compacted {
+        return Err(Error::Compacted);
+    }
+    if rev > 0 && rev > cur {
+        return Err(Error::FutureRev);
+    }
+    if rev == 0 {
+        rev = cur;
+    }
+    let mut h = Crc32c::new();
+    for_each(s, layout::HIST.to_vec(), layout::HIST_END, |k, v| {
+        let (_, r) = layout::parse_hist_key(&k).ok_or_else(|| corrupt_kv(&k))?;
+        if r.main <= rev {
+            h.update(&k);
+            h.update(&v);
+        }
+        Ok(())
+    })?;
+    Ok(HashKvResponse {
+        header: header(cur),
+        hash: h.finish(),
+        compact_revision: compacted,
+    })
+}
+
+pub fn status_request<S: Store + ?Sized>(s: &S) -> Result<StatusResponse> {
+    Ok(StatusResponse {
+        header: header(current_rev(s)?),
+        ..Default::default()
+    })
+}
+
+/// The host revoked (or let expire) `lease`: delete the keys still attached
+/// to it, in key order, all at one revision (etcd's `Lessor.Revoke`). Keys
+/// that are gone or now carry another lease are skipped. The revoked lease
+/// itself is not detached from (the host is dropping it).
+pub fn lease_revoked<S, L, E>(
+    s: &mut S,
+    leases: &mut L,
+    events: &mut E,
+    lease: i64,
+    keys: &[Vec<u8>],
+) -> Result<i64>
+where
+    S: Store + ?Sized,
+    L: Leases + ?Sized,
+    E: Events + ?Sized,
+{
+    let keys: BTreeSet<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
+    let mut w = Writer::new(s, leases, events)?;
+    for key in keys {
+        let Some(ie) = index_entry(w.s, key)? else {
+            continue;
+        };
+        if ie.lease != lease {
+            continue;
+        }
+        let kv = load_kv(w.s, key, &ie, true)?;
+        w.delete(kv, false);
+    }
+    Ok(w.finish())
+}

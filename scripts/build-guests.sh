@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# Build every guest under guest-examples/ from source into a raftvm component:
+#
+#   ${RAFTVM_GUESTS:-${CARGO_TARGET_DIR:-$HOME/.cache/raftvm/target}/guests}/NAME.wasm
+#
+# NAME is the guest's directory name (guest-examples/register-rust ->
+# register-rust.wasm). A directory with a Cargo.toml is a Rust wit-bindgen
+# guest; one with a Makefile (and no Cargo.toml) is a C guest built with
+# `make wasm check` (see guest-examples/register-c/README.md).
+#
+# Installs what it needs if missing (Debian: rustc-web rust-web-src lld-16
+# clang-16 make; wit-bindgen-cli into the cache), so it runs unattended from a
+# fresh clone (CI: root, no stdin). Incremental: cargo and make skip what is
+# up to date. Everything built lives under $HOME/.cache/raftvm, not the repo:
+#   guest-wasm/   the guests' shared cargo target dir (RAFTVM_GUEST_TARGET)
+#   tools/        wit-bindgen-cli (RAFTVM_TOOLS)
+# See docs/guest-abi.md for the why of each step.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+
+cache=$HOME/.cache/raftvm
+target=${CARGO_TARGET_DIR:-$cache/target}
+out=${RAFTVM_GUESTS:-$target/guests}
+guest_target=${RAFTVM_GUEST_TARGET:-$cache/guest-wasm}
+tools=${RAFTVM_TOOLS:-$cache/tools}
+# wit-bindgen 0.60.x is built on wit-component 0.254.x, the version the host
+# and tools/componentize use. Keep in sync with the guests' Cargo.toml.
+wit_bindgen_version=0.60.0
+
+say() { echo "build-guests: $*" >&2; }
+
+# ---- Prerequisites ----------------------------------------------------------
+
+pkgs=(rustc-web rust-web-src lld-16 clang-16 make)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing ${missing[*]}"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo -n"
+  $SUDO apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+if ! command -v cargo >/dev/null; then
+  say "cargo not found: install Rust with rustup (https://rustup.rs) first"
+  exit 1
+fi
+
+# Debian's rustc (1.96, ships std sources) builds the wasm32 std itself with
+# -Zbuild-std: rustup's wasm32 target is not available here.
+pkg_file() { dpkg -L "$1" 2>/dev/null | grep -m1 "$2" || true; }
+guest_rustc=$(pkg_file rustc-web 'bin/rustc$')
+wasm_ld=$(pkg_file lld-16 'bin/wasm-ld$')
+clang=$(pkg_file clang-16 'bin/clang$')
+[ -n "$clang" ] || clang=$(command -v clang-16 || true)
+for tool in guest_rustc wasm_ld clang; do
+  if [ -z "${!tool}" ] || [ ! -x "${!tool}" ]; then
+    say "cannot find $tool: are rustc-web, lld-16 and clang-16 installed?"
+    exit 1
+  fi
+done
+if [ ! -d "$("$guest_rustc" --print sysroot)/lib/rustlib/src/rust/library" ]; then
+  say "$guest_rustc has no std sources (is rust-web-src installed?)"
+  exit 1
+fi
+host_cc=cc
+command -v cc >/dev/null || host_cc=$clang
+
+# tools/componentize: core module -> component, and the world check. Built
+# with the normal toolchain in the main workspace (shares its target dir).
+say "building tools/componentize"
+(unset RUSTC RUSTC_BOOTSTRAP; CARGO_TARGET_DIR=$target cargo build --quiet -p componentize)
+componentize=$target/debug/componentize
+
+# wit-bindgen-cli (C bindings), only when a C guest needs it.
+wit_bindgen=$tools/bin/wit-bindgen
+need_wit_bindgen() {
+  if ! "$wit_bindgen" --version 2>/dev/null | grep -q " $wit_bindgen_version\b"; then
+    say "installing wit-bindgen-cli $wit_bindgen_version into $tools (a few minutes, once)"
+    (unset RUSTC RUSTC_BOOTSTRAP; CARGO_TARGET_DIR=$cache/tools-build \
+      cargo install --quiet wit-bindgen-cli --version "$wit_bindgen_version" --locked --root "$tools")
+  fi
+}
+
+mkdir -p "$out"
+produced=()
+
+# ---- Rust guests ------------------------------------------------------------
+
+build_rust() { # DIR NAME
+  local dir=$1 name=$2 log core
+  say "building $name (Rust)"
+  log=$(mktemp)
+  # Stable cargo driving Debian's rustc; RUSTC_BOOTSTRAP unlocks -Zbuild-std.
+  # Host RUSTFLAGS are meant for the host build, not for wasm32 guests.
+  if ! (cd "$dir" &&
+        env -u RUSTFLAGS -u CARGO_ENCODED_RUSTFLAGS \
+          RUSTC_BOOTSTRAP=1 RUSTC="$guest_rustc" \
+          CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_LINKER="$wasm_ld" \
+          CARGO_TARGET_DIR="$guest_target" \
+          cargo build --release --target wasm32-unknown-unknown \
+            -Zbuild-std=std,panic_abort \
+            --message-format=json-render-diagnostics >"$log"); then
+    rm -f "$log"
+    say "$name: cargo build failed"
+    return 1
+  fi
+  # The cdylib artifact, e.g. .../wasm32-unknown-unknown/release/register_rust.wasm
+  core=$(grep -o '"[^"]*/wasm32-unknown-unknown/release/[^"/]*\.wasm"' "$log" | tr -d '"' | tail -n1)
+  rm -f "$log"
+  if [ -z "$core" ] || [ ! -f "$core" ]; then
+    say "$name: no .wasm artifact (is crate-type cdylib?)"
+    return 1
+  fi
+  "$componentize" "$core" "$out/$name.wasm" >/dev/null
+  produced+=("$out/$name.wasm")
+}
+
+# ---- C guests (Makefile) ----------------------------------------------------
+
+build_c() { # DIR NAME
+  local dir=$1 name=$2 build=$guest_target/c/$2
+  need_wit_bindgen
+  say "building $name (C)"
+  mkdir -p "$build"
+  # `check` replays register-rust's transcript natively (a second): the two
+  # register machines must not drift apart. stdout is kept for the file list.
+  make --no-print-directory -s -C "$dir" wasm check \
+    BUILD="$build" WIT_BINDGEN="$wit_bindgen" CLANG="$clang" WASM_LD="$wasm_ld" HOST_CC="$host_cc" >&2
+  "$componentize" "$build/guest.wasm" "$out/$name.wasm" >/dev/null
+  produced+=("$out/$name.wasm")
+}
+
+for dir in guest-examples/*/; do
+  dir=${dir%/}
+  name=$(basename "$dir")
+  if [ -f "$dir/Cargo.toml" ]; then
+    build_rust "$root/$dir" "$name"
+  elif [ -f "$dir/Makefile" ]; then
+    build_c "$root/$dir" "$name"
+  else
+    say "skipping $dir (no Cargo.toml or Makefile)"
+  fi
+done
+
+# The two register machines must expose the same interface.
+if [ -f "$out/register-rust.wasm" ] && [ -f "$out/register-c.wasm" ]; then
+  "$componentize" --same-exports "$out/register-rust.wasm" "$out/register-c.wasm" >/dev/null
+fi
+
+for f in "${produced[@]}"; do
+  printf '%s\t%s bytes\n' "$f" "$(wc -c <"$f")"
+done
