@@ -1,0 +1,397 @@
+//! etcd's own clients against a 3-node raftvm cluster:
+//! * the Rust `etcd-client` crate, one client per member: writes through one member are
+//!   visible to linearizable reads on every member; compare-and-swap txns (also racing
+//!   from all members at once); delete by prefix;
+//! * `etcdctl` 3.4 with the flags people use, each command run against a real etcd and
+//!   against raftvm (rotating over the members), comparing exit code, stdout and stderr
+//!   (`-w json` ids normalized).
+//! * the Python `etcd3` package (tests/python/test_etcd3.py, run by pytest).
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use etcd_client::{Client, Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
+use raftvm_tests::etcd::{etcdctl, start_kv_cluster, EtcdServer};
+use raftvm_tests::CmdOutput;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime")
+}
+
+async fn connect(url: &str) -> Client {
+    let opts = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(10))
+        .with_timeout(Duration::from_secs(15));
+    Client::connect([url], Some(opts)).await.unwrap_or_else(|e| panic!("etcd-client connect {url}: {e}"))
+}
+
+async fn get_str(c: &mut Client, key: &str) -> Option<String> {
+    let r = c.get(key, None).await.unwrap_or_else(|e| panic!("get {key}: {e}"));
+    assert!(r.kvs().len() <= 1, "{r:?}");
+    r.kvs().first().map(|kv| kv.value_str().expect("utf-8 value").to_string())
+}
+
+/// One client per member; writes rotate over the members, every write is read back
+/// linearizably through every member right after it is acknowledged.
+#[test]
+fn etcd_client_crate_on_three_members() {
+    let cluster = start_kv_cluster(3);
+    let urls: Vec<String> = (0..3).map(|i| cluster.node(i).client_url()).collect();
+    runtime().block_on(async {
+        let mut cs = Vec::new();
+        for u in &urls {
+            cs.push(connect(u).await);
+        }
+
+        // --- writes via one member, linearizable reads on every member ---
+        for round in 0..9usize {
+            let w = round % 3;
+            let (key, val) = (format!("lin/k{}", round % 4), format!("v{round}"));
+            let put = cs[w].put(key.as_str(), val.as_str(), None).await.expect("put");
+            let rev = put.header().expect("put header").revision();
+            for (r, c) in cs.iter_mut().enumerate() {
+                let got = c.get(key.as_str(), None).await.expect("get");
+                let kv = got.kvs().first().unwrap_or_else(|| panic!("round {round}: {key} missing on member {r}"));
+                assert_eq!(
+                    kv.value_str().unwrap(),
+                    val,
+                    "round {round}: linearizable read via member {r} after a write via member {w} saw a stale value"
+                );
+                assert_eq!(kv.mod_revision(), rev, "round {round} member {r}");
+                assert!(got.header().unwrap().revision() >= rev, "round {round} member {r}: {got:?}");
+            }
+        }
+        // Prefix reads agree on every member, and so do their header revisions (no writes in between).
+        let mut views = Vec::new();
+        for c in cs.iter_mut() {
+            let r = c.get("lin/", Some(GetOptions::new().with_prefix())).await.expect("get prefix");
+            let kvs: Vec<(String, String, i64, i64, i64)> = r
+                .kvs()
+                .iter()
+                .map(|kv| {
+                    (kv.key_str().unwrap().into(), kv.value_str().unwrap().into(), kv.create_revision(), kv.mod_revision(), kv.version())
+                })
+                .collect();
+            views.push((r.header().unwrap().revision(), kvs));
+        }
+        assert_eq!(views[0].1.len(), 4, "{views:?}");
+        assert!(views.iter().all(|v| *v == views[0]), "members disagree: {views:#?}");
+        let ks: Vec<&str> = views[0].1.iter().map(|kv| kv.0.as_str()).collect();
+        assert_eq!(ks, ["lin/k0", "lin/k1", "lin/k2", "lin/k3"]);
+        let k0 = &views[0].1[0];
+        assert_eq!((k0.1.as_str(), k0.4), ("v8", 3), "lin/k0 was written in rounds 0, 4, 8: {k0:?}");
+
+        // --- compare-and-swap ---
+        cs[0].put("cas/lock", "free", None).await.expect("put lock");
+        let take = |who: &str| {
+            Txn::new()
+                .when([Compare::value("cas/lock", CompareOp::Equal, "free")])
+                .and_then([TxnOp::put("cas/lock", who, Some(PutOptions::new().with_prev_key()))])
+                .or_else([TxnOp::get("cas/lock", None)])
+        };
+        let r = cs[1].txn(take("m1")).await.expect("txn");
+        assert!(r.succeeded(), "{r:?}");
+        match r.op_responses().as_slice() {
+            [TxnOpResponse::Put(p)] => assert_eq!(p.prev_key().map(|kv| kv.value_str().unwrap()), Some("free")),
+            other => panic!("unexpected responses {other:?}"),
+        }
+        let r = cs[2].txn(take("m2")).await.expect("txn");
+        assert!(!r.succeeded(), "second CAS must fail: {r:?}");
+        match r.op_responses().as_slice() {
+            [TxnOpResponse::Get(g)] => assert_eq!(g.kvs()[0].value_str().unwrap(), "m1"),
+            other => panic!("unexpected responses {other:?}"),
+        }
+        assert_eq!(get_str(&mut cs[0], "cas/lock").await.as_deref(), Some("m1"));
+        // CAS on version and mod revision.
+        let kv = cs[0].get("cas/lock", None).await.unwrap().kvs()[0].clone();
+        let stale = Txn::new()
+            .when([Compare::mod_revision("cas/lock", CompareOp::Equal, kv.mod_revision() - 1)])
+            .and_then([TxnOp::put("cas/lock", "stale", None)]);
+        assert!(!cs[1].txn(stale).await.unwrap().succeeded());
+        let fresh = Txn::new()
+            .when([
+                Compare::mod_revision("cas/lock", CompareOp::Equal, kv.mod_revision()),
+                Compare::version("cas/lock", CompareOp::Equal, kv.version()),
+                Compare::create_revision("cas/lock", CompareOp::Less, kv.mod_revision()),
+            ])
+            .and_then([TxnOp::put("cas/lock", "released", None)]);
+        assert!(cs[2].txn(fresh).await.unwrap().succeeded());
+        assert_eq!(get_str(&mut cs[1], "cas/lock").await.as_deref(), Some("released"));
+
+        // A counter incremented with optimistic CAS from all three members at once:
+        // no increment may be lost.
+        cs[0].put("cas/counter", "0", None).await.unwrap();
+        const PER_MEMBER: usize = 8;
+        let mut tasks = Vec::new();
+        for (m, c) in cs.iter().enumerate() {
+            let mut c = c.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut done = 0;
+                let mut attempts = 0;
+                while done < PER_MEMBER {
+                    attempts += 1;
+                    assert!(attempts < 500, "member {m}: CAS never succeeds");
+                    let r = c.get("cas/counter", None).await.expect("get counter");
+                    let kv = &r.kvs()[0];
+                    let n: u64 = kv.value_str().unwrap().parse().unwrap();
+                    let t = Txn::new()
+                        .when([Compare::mod_revision("cas/counter", CompareOp::Equal, kv.mod_revision())])
+                        .and_then([TxnOp::put("cas/counter", (n + 1).to_string(), None)]);
+                    if c.txn(t).await.expect("txn").succeeded() {
+                        done += 1;
+                    }
+                }
+                attempts
+            }));
+        }
+        for t in tasks {
+            t.await.expect("CAS task");
+        }
+        for (m, c) in cs.iter_mut().enumerate() {
+            assert_eq!(get_str(c, "cas/counter").await, Some((3 * PER_MEMBER).to_string()), "member {m}");
+        }
+
+        // --- delete by prefix ---
+        for i in 0..5 {
+            cs[i % 3].put(format!("del/p{i}"), format!("x{i}"), None).await.unwrap();
+        }
+        cs[0].put("del/q", "keep", None).await.unwrap();
+        cs[0].put("del", "keep-too", None).await.unwrap();
+        let r = cs[1]
+            .delete("del/p", Some(DeleteOptions::new().with_prefix().with_prev_key()))
+            .await
+            .expect("delete prefix");
+        assert_eq!(r.deleted(), 5, "{r:?}");
+        let mut prev: Vec<(String, String)> =
+            r.prev_kvs().iter().map(|kv| (kv.key_str().unwrap().into(), kv.value_str().unwrap().into())).collect();
+        prev.sort();
+        assert_eq!(prev, (0..5).map(|i| (format!("del/p{i}"), format!("x{i}"))).collect::<Vec<_>>());
+        for (m, c) in cs.iter_mut().enumerate() {
+            let r = c.get("del", Some(GetOptions::new().with_prefix())).await.unwrap();
+            let keys: Vec<&str> = r.kvs().iter().map(|kv| kv.key_str().unwrap()).collect();
+            assert_eq!(keys, ["del", "del/q"], "member {m}");
+        }
+        let r = cs[2].delete("del/p", Some(DeleteOptions::new().with_prefix())).await.unwrap();
+        assert_eq!(r.deleted(), 0);
+    });
+    cluster.assert_converged(Duration::from_secs(20));
+}
+
+// ---------------------------------------------------------------------------
+// etcdctl
+// ---------------------------------------------------------------------------
+
+/// `-w json` ids differ between servers: replace non-zero cluster_id / member_id /
+/// raft_term (anywhere) by "<nonzero>".
+fn normalize_json(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, x) in m.iter_mut() {
+                if matches!(k.as_str(), "cluster_id" | "member_id" | "raft_term") {
+                    if x.as_u64() != Some(0) {
+                        *x = serde_json::Value::String("<nonzero>".into());
+                    }
+                } else {
+                    normalize_json(x);
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(normalize_json),
+        _ => {}
+    }
+}
+
+/// What is compared of an etcdctl run: exit code, stdout (ids in JSON lines and in
+/// `-w fields` output normalized),
+/// stderr without the client library's JSON log lines (they carry timestamps).
+fn comparable(out: &CmdOutput) -> (Option<i32>, String, String) {
+    let stdout = out
+        .stdout
+        .lines()
+        .map(|l| match serde_json::from_str::<serde_json::Value>(l) {
+            Ok(mut v) if v.is_object() => {
+                normalize_json(&mut v);
+                v.to_string()
+            }
+            // `-w fields`: `"ClusterID" : 123`
+            _ => match l.split_once(" : ") {
+                Some((k @ ("\"ClusterID\"" | "\"MemberID\"" | "\"RaftTerm\""), v)) if v.trim() != "0" => {
+                    format!("{k} : <nonzero>")
+                }
+                _ => l.to_string(),
+            },
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let stderr = out
+        .stderr
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("{\"level\""))
+        .collect::<Vec<_>>()
+        .join("\n");
+    (out.code, stdout, stderr)
+}
+
+/// The same `etcdctl` commands against a real etcd and against raftvm (each command on
+/// the next member), comparing exit code, stdout and stderr. `ETCD_DIFF_VERBOSE=1`
+/// prints every command with etcd's output.
+#[test]
+fn etcdctl_matches_etcd() {
+    let etcd = EtcdServer::start();
+    let cluster = start_kv_cluster(3);
+    // (succeeds on etcd?, args, stdin). Revisions are the same on both sides: both start
+    // at revision 1 and see the same writes. (etcdctl 3.4 has no `get --count-only`:
+    // the count is checked through `-w json`.)
+    let txn_cas = "value(\"b\") = \"22\"\nversion(\"b\") = \"2\"\nmod(\"b\") > \"2\"\ncreate(\"b\") = \"3\"\n\nput x 1\nget b\ndel c\n\nput y 2\n\n";
+    let txn_fail = "value(\"b\") = \"nope\"\nversion(\"a\") < \"5\"\n\nput x 2\n\nput y 3\nget y\ndel nope\n\n";
+    let txn_cmp_ops = "mod(\"x\") != \"0\"\ncreate(\"x\") > \"1\"\nvalue(\"x\") > \"0\"\nversion(\"y\") != \"0\"\n\nget x --prefix\nput z 9 --prev-kv\n\n\n";
+    let script: Vec<(bool, Vec<&str>, &str)> = vec![
+        (true, vec!["put", "a", "1"], ""),
+        (true, vec!["put", "b", "2"], ""),
+        (true, vec!["put", "c", "3"], ""),
+        (true, vec!["put", "ab", "4"], ""),
+        (true, vec!["put", "abc", "5"], ""),
+        (true, vec!["put", "b", "22"], ""),
+        (true, vec!["put", "d", ""], ""),
+        (true, vec!["put", "--", "-dash", "neg"], ""),
+        (true, vec!["get", "a"], ""),
+        (true, vec!["get", "nope"], ""),
+        (true, vec!["get", "a", "c"], ""),
+        (true, vec!["get", "a", "--prefix"], ""),
+        (true, vec!["get", "a", "--prefix", "--limit", "2"], ""),
+        (true, vec!["get", "", "--prefix", "--limit", "3", "-w", "json"], ""),
+        (true, vec!["get", "b", "--from-key"], ""),
+        (true, vec!["get", "", "--prefix", "--sort-by", "MODIFY", "--order", "DESCEND"], ""),
+        (true, vec!["get", "", "--prefix", "--sort-by", "VALUE", "--order", "ASCEND"], ""),
+        (true, vec!["get", "", "--prefix", "--sort-by", "VERSION", "--order", "DESCEND"], ""),
+        (true, vec!["get", "", "--prefix", "--sort-by", "CREATE", "--order", "ASCEND"], ""),
+        (true, vec!["get", "", "--prefix", "--sort-by", "KEY", "--order", "DESCEND", "--limit", "2"], ""),
+        (true, vec!["get", "", "--prefix", "--order", "DESCEND"], ""),
+        (true, vec!["get", "a", "--prefix", "--keys-only"], ""),
+        (true, vec!["get", "a", "--prefix", "--print-value-only"], ""),
+        (true, vec!["get", "", "--prefix", "--keys-only", "-w", "json"], ""),
+        (true, vec!["get", "b", "--rev", "3"], ""),
+        (true, vec!["get", "b", "--rev", "3", "-w", "json"], ""),
+        (true, vec!["get", "", "--prefix", "--rev", "4", "--print-value-only"], ""),
+        (false, vec!["get", "b", "--rev", "1000"], ""),
+        (true, vec!["get", "a", "-w", "json"], ""),
+        (true, vec!["get", "b", "-w", "fields"], ""),
+        (true, vec!["get", "", "--prefix", "--consistency", "s", "--keys-only"], ""),
+        (true, vec!["get", "a", "--prefix", "--hex"], ""),
+        (true, vec!["put", "e", "5", "--prev-kv"], ""),
+        (true, vec!["put", "e", "6", "--prev-kv"], ""),
+        (true, vec!["put", "e", "7", "--prev-kv", "-w", "json"], ""),
+        (true, vec!["put", "e", "--ignore-value"], ""),
+        (false, vec!["put", "missing", "--ignore-value"], ""),
+        (false, vec!["put", "e", "8", "--lease", "1234abcd"], ""),
+        (true, vec!["get", "e", "-w", "json"], ""),
+        (true, vec!["txn", "-i"], txn_cas),
+        (true, vec!["txn", "-i"], txn_fail),
+        (true, vec!["txn", "-i", "-w", "json"], txn_cmp_ops),
+        (true, vec!["txn", "-i", "-w", "json"], txn_fail),
+        (true, vec!["get", "", "--prefix"], ""),
+        (true, vec!["del", "nope"], ""),
+        (true, vec!["del", "a", "--prev-kv"], ""),
+        (true, vec!["del", "ab", "--prefix", "--prev-kv"], ""),
+        (true, vec!["del", "x", "z", "--prev-kv", "-w", "json"], ""),
+        (true, vec!["del", "d", "--from-key"], ""),
+        (true, vec!["get", "", "--prefix", "-w", "json"], ""),
+        (true, vec!["compaction", "5"], ""),
+        (false, vec!["get", "b", "--rev", "4"], ""),
+        (true, vec!["get", "b", "--rev", "5", "-w", "json"], ""),
+        (false, vec!["compaction", "3"], ""),
+        (true, vec!["put", "f", "1"], ""),
+        (true, vec!["del", "", "--prefix", "--prev-kv"], ""),
+        (true, vec!["get", "", "--prefix", "-w", "json"], ""),
+    ];
+    let verbose = std::env::var_os("ETCD_DIFF_VERBOSE").is_some_and(|v| !v.is_empty());
+    let mut mismatches = Vec::new();
+    for (i, (expect_ok, args, stdin)) in script.iter().enumerate() {
+        let e = etcdctl(&etcd.endpoint(), args, stdin);
+        // The script itself is checked against the reference first.
+        assert_eq!(e.success(), *expect_ok, "script error: unexpected result from the real etcd: {e:?}");
+        let r = etcdctl(&cluster.endpoint(i % 3), args, stdin);
+        let (ce, cr) = (comparable(&e), comparable(&r));
+        if verbose {
+            eprintln!("--- #{i} {} [{}]\n{:?}", e.cmdline, if ce == cr { "same" } else { "DIFFERENT" }, ce);
+        }
+        if ce != cr {
+            mismatches.push(format!(
+                "#{i} etcdctl {}{}\n  etcd:   exit {:?}\n    stdout: {:?}\n    stderr: {:?}\n  raftvm ({}): exit {:?}\n    stdout: {:?}\n    stderr: {:?}",
+                args.join(" "),
+                if stdin.is_empty() { String::new() } else { format!(" <<< {stdin:?}") },
+                ce.0,
+                ce.1,
+                ce.2,
+                cluster.node(i % 3).name,
+                cr.0,
+                cr.1,
+                cr.2
+            ));
+        }
+    }
+    // The report says everything: shut the servers down before failing, so their
+    // (large) files are not kept as they would be after a crash or a timeout.
+    drop(cluster);
+    drop(etcd);
+    assert!(
+        mismatches.is_empty(),
+        "etcdctl output differs between etcd and raftvm in {} of {} commands (the first is the one to look at):\n{}",
+        mismatches.len(),
+        script.len(),
+        mismatches.join("\n\n")
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Python etcd3
+// ---------------------------------------------------------------------------
+
+fn python_has(modules: &str) -> bool {
+    Command::new("python3")
+        .args(["-c", &format!("import {modules}")])
+        .env("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Runs tests/python/test_etcd3.py with pytest. The Python test starts its own 3-node
+/// raftvm cluster with the binary given in RAFTVM_BIN. Skips (with a message) only if
+/// python3 is missing; installs `etcd3` and `pytest` with pip if they are missing
+/// (scripts/prereqs.sh should have done so already).
+#[test]
+fn python_etcd3() {
+    if Command::new("python3").arg("--version").output().is_err() {
+        eprintln!("SKIPPED python_etcd3: python3 is not installed");
+        return;
+    }
+    if !python_has("etcd3, pytest") {
+        let mut args = vec!["-m", "pip", "install", "--quiet", "etcd3==0.12.0", "pytest"];
+        eprintln!("python_etcd3: etcd3/pytest missing; installing them: python3 {}", args.join(" "));
+        let out = Command::new("python3").args(&args).output().expect("run pip");
+        let err = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() && err.contains("externally-managed-environment") {
+            // Debian's own python3 refuses pip installs (PEP 668); this is a test machine.
+            args.push("--break-system-packages");
+            eprintln!("python_etcd3: python3 is externally managed; retrying: python3 {}", args.join(" "));
+            let st = Command::new("python3").args(&args).status().expect("run pip");
+            assert!(st.success(), "`python3 {}` failed ({st})", args.join(" "));
+        } else {
+            assert!(out.status.success(), "`python3 {}` failed ({}):\n{err}", args.join(" "), out.status);
+        }
+        assert!(python_has("etcd3, pytest"), "etcd3 and pytest still not importable after pip install");
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("python");
+    let out = Command::new("python3")
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "test_etcd3.py"])
+        .current_dir(&dir)
+        .env("RAFTVM_BIN", raftvm_tests::raftvm_bin())
+        .env("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
+        .output()
+        .expect("run pytest");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stdout}\n{stderr}");
+    assert!(out.status.success(), "pytest tests/python/test_etcd3.py failed ({}):\n{stdout}\n{stderr}", out.status);
+}
