@@ -2,7 +2,9 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../proto");
+    // Read at run time (not env!): a cached build-script binary must not point at the
+    // checkout it was first compiled in.
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../proto");
     let files = ["raftvm/peer.proto", "raftvm/admin.proto"];
     for f in &files {
         println!("cargo:rerun-if-changed={}", root.join(f).display());

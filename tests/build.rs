@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let etcd = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../proto/etcd");
+    let etcd = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../proto/etcd");
     let files = ["etcdserverpb/rpc.proto", "mvccpb/kv.proto", "authpb/auth.proto"];
     for f in &files {
         println!("cargo:rerun-if-changed={}", etcd.join(f).display());

@@ -1,0 +1,81 @@
+//! etcd's operational features through etcdctl: the space quota with its NOSPACE alarm,
+//! and auto-compaction.
+
+use std::time::Duration;
+
+use raftvm_tests::etcd::{etcdctl, wait_kv_module};
+use raftvm_tests::{poll_until, Cluster};
+
+const ERR_NOSPACE: &str = "etcdserver: mvcc: database space exceeded";
+
+#[test]
+fn quota_raises_nospace_and_recovers_after_compact_defrag_disarm() {
+    // The state store starts at roughly a few hundred KiB (the kv module's blob, memtables).
+    let c = Cluster::builder(1).arg("--quota-backend-bytes").arg("2000000").start();
+    wait_kv_module(&c, 0, Duration::from_secs(20));
+    let ep = c.endpoint(0);
+    let value = "x".repeat(100_000);
+
+    // Fill until the quota refuses a put (bounded: 2 MB / 100 KB ≈ 20 puts, with headroom).
+    let mut refused_at = None;
+    for i in 0..200 {
+        let out = etcdctl(&ep, &["put", &format!("k{i}"), &value], "");
+        if !out.success() {
+            assert!(out.stderr.contains(ERR_NOSPACE), "unexpected failure: {out:?}");
+            refused_at = Some(i);
+            break;
+        }
+    }
+    let refused_at = refused_at.expect("the quota never refused a put");
+    assert!(refused_at > 0, "the very first put was refused: quota too small for the test");
+
+    // The alarm is raised cluster-wide and refuses further puts, even small ones.
+    let alarms = etcdctl(&ep, &["alarm", "list"], "");
+    assert!(alarms.ok().contains("alarm:NOSPACE"), "{alarms:?}");
+    let small = etcdctl(&ep, &["put", "tiny", "1"], "");
+    assert!(small.stderr.contains(ERR_NOSPACE), "{small:?}");
+
+    // Reads and deletes still work.
+    assert_eq!(etcdctl(&ep, &["get", "k0", "--print-value-only"], "").ok().len(), value.len());
+    let del = etcdctl(&ep, &["del", "k", "--prefix"], "");
+    assert_eq!(del.ok(), refused_at.to_string());
+
+    // Free the space: compact away the history, defragment, disarm.
+    let rev = etcdctl(&ep, &["get", "k0", "-w", "json"], "");
+    let rev: serde_json::Value = serde_json::from_str(rev.ok()).expect("json");
+    let rev = rev["header"]["revision"].as_i64().expect("revision");
+    etcdctl(&ep, &["compaction", "--physical", &rev.to_string()], "").ok();
+    etcdctl(&ep, &["defrag"], "").ok();
+    let disarm = etcdctl(&ep, &["alarm", "disarm"], "");
+    assert!(disarm.ok().contains("alarm:NOSPACE"), "{disarm:?}");
+    assert_eq!(etcdctl(&ep, &["alarm", "list"], "").ok(), "");
+    assert_eq!(etcdctl(&ep, &["put", "tiny", "1"], "").ok(), "OK");
+}
+
+#[test]
+fn revision_auto_compaction_keeps_the_last_n_revisions() {
+    let c = Cluster::builder(1)
+        .arg("--auto-compaction-mode")
+        .arg("revision")
+        .arg("--auto-compaction-retention")
+        .arg("5")
+        .arg("--experimental-compaction-check-interval")
+        .arg("200ms")
+        .start();
+    wait_kv_module(&c, 0, Duration::from_secs(20));
+    let ep = c.endpoint(0);
+    for i in 0..20 {
+        etcdctl(&ep, &["put", "k", &format!("v{i}")], "").ok();
+    }
+    // 20 puts: revisions 2..=21. Retention 5 compacts to 21 - 5 = 16.
+    poll_until(Duration::from_secs(20), "auto-compaction to revision 16", || {
+        let old = etcdctl(&ep, &["get", "k", "--rev", "15"], "");
+        if old.stderr.contains("required revision has been compacted") {
+            Ok(())
+        } else {
+            Err(format!("{old:?}"))
+        }
+    });
+    assert_eq!(etcdctl(&ep, &["get", "k", "--rev", "16", "--print-value-only"], "").ok(), "v14");
+    assert_eq!(etcdctl(&ep, &["get", "k", "--print-value-only"], "").ok(), "v19");
+}
