@@ -9,13 +9,12 @@
 //! `PR_SET_PDEATHSIG`), and prints its log tail and keeps its log on panic.
 
 use std::fs::{self, File};
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::{free_ports, poll_until, Cluster, CmdOutput, CLIENT_HARD_TIMEOUT, STARTUP_TIMEOUT};
+use crate::{free_ports, poll_until, Cluster, CmdOutput, STARTUP_TIMEOUT};
 
 /// Name of the machine that serves etcd's key space.
 pub const KV_MACHINE: &str = "kv";
@@ -49,70 +48,12 @@ pub fn etcdctl_bin() -> PathBuf {
     tool_bin("ETCDCTL_BIN", "etcdctl", "etcd-client")
 }
 
-fn quote(s: &str) -> String {
-    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./:=,@".contains(c)) {
-        s.to_string()
-    } else {
-        format!("'{}'", s.replace('\'', "'\\''"))
-    }
-}
-
 /// Runs `etcdctl --endpoints ENDPOINTS ARGS...` (API v3) with `stdin` fed to it,
-/// capturing output; killed after [`CLIENT_HARD_TIMEOUT`].
+/// capturing output; killed after the harness's client timeout.
 pub fn etcdctl(endpoints: &str, args: &[&str], stdin: &str) -> CmdOutput {
-    let bin = etcdctl_bin();
     let mut all: Vec<&str> = vec!["--endpoints", endpoints, "--command-timeout", "10s"];
     all.extend_from_slice(args);
-    let cmdline = std::iter::once("etcdctl".to_string())
-        .chain(all.iter().map(|a| quote(a)))
-        .collect::<Vec<_>>()
-        .join(" ");
-    let start = Instant::now();
-    let mut child = Command::new(&bin)
-        .args(&all)
-        .env("ETCDCTL_API", "3")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
-    {
-        let mut w = child.stdin.take().expect("piped stdin");
-        let input = stdin.to_string();
-        // A writer thread, so a child that does not read stdin cannot block us.
-        std::thread::spawn(move || {
-            let _ = w.write_all(input.as_bytes());
-        });
-    }
-    let out_reader = reader(child.stdout.take().expect("piped stdout"));
-    let err_reader = reader(child.stderr.take().expect("piped stderr"));
-    let deadline = start + CLIENT_HARD_TIMEOUT;
-    let mut timed_out = false;
-    let status = loop {
-        match child.try_wait().expect("try_wait etcdctl") {
-            Some(st) => break st,
-            None if Instant::now() >= deadline => {
-                timed_out = true;
-                let _ = child.kill();
-                break child.wait().expect("wait killed etcdctl");
-            }
-            None => std::thread::sleep(Duration::from_millis(5)),
-        }
-    };
-    let stdout = out_reader.join().expect("stdout reader");
-    let mut stderr = err_reader.join().expect("stderr reader");
-    if timed_out {
-        stderr.push_str(&format!("\n[harness: killed after {CLIENT_HARD_TIMEOUT:?}]"));
-    }
-    CmdOutput { cmdline, code: if timed_out { None } else { status.code() }, stdout, stderr, elapsed: start.elapsed() }
-}
-
-fn reader(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = r.read_to_end(&mut buf);
-        String::from_utf8_lossy(&buf).into_owned()
-    })
+    crate::run_command("etcdctl", &etcdctl_bin(), &all, &[("ETCDCTL_API", "3")], Some(stdin))
 }
 
 /// A single-member real etcd (3.4) on free loopback ports, in a private temp dir.

@@ -239,19 +239,35 @@ fn shell_quote(s: &str) -> String {
 /// Runs `raftvm ARGS...`, capturing output, killing it after
 /// [`CLIENT_HARD_TIMEOUT`].
 pub fn run_raftvm<S: AsRef<str>>(args: &[S]) -> CmdOutput {
-    let bin = raftvm_bin();
-    let cmdline = std::iter::once("raftvm".to_string())
-        .chain(args.iter().map(|a| shell_quote(a.as_ref())))
+    let args: Vec<&str> = args.iter().map(|a| a.as_ref()).collect();
+    run_command("raftvm", &raftvm_bin(), &args, &[], None)
+}
+
+/// Runs `bin ARGS...` (shown as `name ...`) with extra environment and, if given,
+/// `stdin` fed to it; captures stdout and stderr and kills it after
+/// [`CLIENT_HARD_TIMEOUT`].
+pub fn run_command(name: &str, bin: &Path, args: &[&str], envs: &[(&str, &str)], stdin: Option<&str>) -> CmdOutput {
+    let cmdline = std::iter::once(name.to_string())
+        .chain(args.iter().map(|a| shell_quote(a)))
         .collect::<Vec<_>>()
         .join(" ");
     let start = Instant::now();
-    let mut child = Command::new(&bin)
-        .args(args.iter().map(|a| a.as_ref()))
-        .stdin(Stdio::null())
+    let mut child = Command::new(bin)
+        .args(args)
+        .envs(envs.iter().copied())
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
+    if let Some(input) = stdin {
+        let mut w = child.stdin.take().expect("piped stdin");
+        let input = input.to_string();
+        // A writer thread, so a child that does not read stdin cannot block us.
+        std::thread::spawn(move || {
+            let _ = w.write_all(input.as_bytes());
+        });
+    }
     let out_reader = spawn_reader(child.stdout.take().expect("piped stdout"));
     let err_reader = spawn_reader(child.stderr.take().expect("piped stderr"));
     let deadline = start + CLIENT_HARD_TIMEOUT;
