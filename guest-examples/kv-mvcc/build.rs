@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 
 fn main() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto/etcd");
+    // Read at run time (not env!): a cached build-script binary must not point at the
+    // checkout it was first compiled in.
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo")).join("../../proto/etcd");
     let files = [
         root.join("mvccpb/kv.proto"),
         root.join("authpb/auth.proto"),
