@@ -306,7 +306,7 @@ impl StateMachineStore {
 
     fn build(&self) -> anyhow::Result<Snapshot<TypeConfig>> {
         let db = self.shared.db();
-        let seq = self.shared.snapshot_seq.fetch_add(0, Ordering::SeqCst);
+        let seq = self.shared.snapshot_seq.load(Ordering::SeqCst);
         let tmp = self.shared.data_dir.join(format!("snapshot-build-{seq}-{}", std::process::id()));
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp)?;

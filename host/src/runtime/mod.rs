@@ -61,6 +61,12 @@ pub struct ApplyContext {
     pub timestamp_ms: u64,
 }
 
+impl From<ApplyContext> for WitApplyContext {
+    fn from(c: ApplyContext) -> Self {
+        WitApplyContext { index: c.index, term: c.term, timestamp_ms: c.timestamp_ms }
+    }
+}
+
 /// A committed command's effects.
 #[derive(Debug, Default)]
 pub struct Effects {
@@ -249,10 +255,7 @@ impl Runtime {
         let Some(m) = self.machine(name) else {
             return Ok(Err(ApplyError::new(ApplyErrorKind::NoSuchMachine, format!("machine {name:?} is not installed"))));
         };
-        self.run_transaction(&m, db, batch, |w| {
-            let wctx = WitApplyContext { index: ctx.index, term: ctx.term, timestamp_ms: ctx.timestamp_ms };
-            w.bindings.call_apply(&mut w.store, wctx, command)
-        })
+        self.run_transaction(&m, db, batch, |w| w.bindings.call_apply(&mut w.store, ctx.into(), command))
     }
 
     /// Run `on-lease-revoked` of machine `name`, transactional like `apply`.
@@ -269,8 +272,7 @@ impl Runtime {
             return Ok(Ok(Effects::default()));
         };
         let r = self.run_transaction(&m, db, batch, |w| {
-            let wctx = WitApplyContext { index: ctx.index, term: ctx.term, timestamp_ms: ctx.timestamp_ms };
-            w.bindings.call_on_lease_revoked(&mut w.store, wctx, lease, keys).map(|r| r.map(|()| Vec::new()))
+            w.bindings.call_on_lease_revoked(&mut w.store, ctx.into(), lease, keys).map(|r| r.map(|()| Vec::new()))
         })?;
         Ok(r.map(|(_, e)| e))
     }
@@ -321,49 +323,57 @@ impl Runtime {
         let Some(m) = self.machine(name) else {
             return Ok(Err(ApplyError::new(ApplyErrorKind::NoSuchMachine, format!("machine {name:?} is not installed"))));
         };
-        let warm = m.readers.lock().expect("poisoned").pop();
-        let mut warm = match warm {
-            Some(w) if Arc::ptr_eq(w.store.data().db(), db) => w,
-            _ => match self.instantiate(&m, db.clone()) {
-                Ok(w) => w,
-                Err(e) => return Ok(Err(e)),
-            },
-        };
-        warm.store.set_fuel(m.record.fuel).expect("fuel is enabled");
-        warm.store.data_mut().begin(Overlay::default(), false);
-        let result = warm.bindings.call_query(&mut warm.store, request);
-        let (_, _, _, fault) = warm.store.data_mut().finish();
-        if let Some(f) = fault {
-            return Err(HostFault(f));
-        }
-        let out = match result {
+        Ok(match self.run_read_only(&m, db, |w| w.bindings.call_query(&mut w.store, request))? {
             Ok(Ok(out)) => Ok(out),
             Ok(Err(msg)) => Err(ApplyError::new(ApplyErrorKind::Rejected, msg)),
-            Err(e) => return Ok(Err(classify(&warm.store, e))),
-        };
-        let mut pool = m.readers.lock().expect("poisoned");
-        if pool.len() < QUERY_POOL {
-            pool.push(warm);
-        }
-        Ok(out)
+            Err(e) => Err(e),
+        })
     }
 
     /// Tell every machine that this node's leadership changed. Local, read-only, best effort.
     pub fn leader_changed(&self, db: &Arc<StateDb>, is_leader: bool, term: u64) {
         let machines: Vec<_> = self.machines.read().expect("poisoned").values().cloned().collect();
         for m in machines {
-            let mut warm = match self.instantiate(&m, db.clone()) {
-                Ok(w) => w,
-                Err(e) => {
-                    tracing::warn!(machine = %m.record.name, "on-leader-change: {e}");
-                    continue;
-                }
-            };
-            warm.store.data_mut().begin(Overlay::default(), false);
-            if let Err(e) = warm.bindings.call_on_leader_change(&mut warm.store, is_leader, term) {
-                tracing::warn!(machine = %m.record.name, "on-leader-change: {}", classify(&warm.store, e));
+            match self.run_read_only(&m, db, |w| w.bindings.call_on_leader_change(&mut w.store, is_leader, term)) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(machine = %m.record.name, "on-leader-change: {e}"),
+                Err(e) => tracing::warn!(machine = %m.record.name, "on-leader-change: {e}"),
             }
-            warm.store.data_mut().finish();
+        }
+    }
+
+    /// Run a read-only call on one of `m`'s pooled instances (the store refuses writes).
+    /// An instance that trapped is not returned to the pool.
+    fn run_read_only<T>(
+        &self,
+        m: &Machine,
+        db: &Arc<StateDb>,
+        call: impl FnOnce(&mut Warm) -> wasmtime::Result<T>,
+    ) -> Result<Result<T, ApplyError>, HostFault> {
+        let pooled = m.readers.lock().expect("poisoned").pop();
+        let mut warm = match pooled {
+            Some(w) if Arc::ptr_eq(w.store.data().db(), db) => w,
+            _ => match self.instantiate(m, db.clone()) {
+                Ok(w) => w,
+                Err(e) => return Ok(Err(e)),
+            },
+        };
+        warm.store.set_fuel(m.record.fuel).expect("fuel is enabled");
+        warm.store.data_mut().begin(Overlay::default(), false);
+        let result = call(&mut warm);
+        let (_, _, _, fault) = warm.store.data_mut().finish();
+        if let Some(f) = fault {
+            return Err(HostFault(f));
+        }
+        match result {
+            Ok(v) => {
+                let mut pool = m.readers.lock().expect("poisoned");
+                if pool.len() < QUERY_POOL {
+                    pool.push(warm);
+                }
+                Ok(Ok(v))
+            }
+            Err(e) => Ok(Err(classify(&warm.store, e))),
         }
     }
 }
