@@ -46,11 +46,22 @@ pub struct Server {
 
 impl Server {
     pub async fn start(cfg: ServeConfig) -> Result<Self> {
-        let data_dir = cfg.data_dir();
-        std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+        // Refuse bad flags before touching the data dir or starting Raft.
         let members = cfg.members()?;
         let id = cfg.my_id()?;
         let cluster_id = cfg.cluster_id()?;
+        let new_cluster = match cfg.initial_cluster_state.as_str() {
+            "new" => true,
+            "existing" => false,
+            other => anyhow::bail!("--initial-cluster-state must be 'new' or 'existing', got {other:?}"),
+        };
+        let compaction = crate::compactor::policy(
+            &cfg.auto_compaction_mode,
+            &cfg.auto_compaction_retention,
+            cfg.experimental_compaction_check_interval,
+        )?;
+        let data_dir = cfg.data_dir();
+        std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
 
         let raft_config = openraft::Config {
             cluster_name: cfg.initial_cluster_token.clone(),
@@ -133,25 +144,17 @@ impl Server {
 
         tasks.push(tokio::spawn(leader_callbacks(node.clone(), stopped.clone())));
         tasks.push(tokio::spawn(install_default_kv(node.clone(), stopped.clone())));
-        if let Some(policy) = crate::compactor::policy(
-            &cfg.auto_compaction_mode,
-            &cfg.auto_compaction_retention,
-            cfg.experimental_compaction_check_interval,
-        )? {
+        if let Some(policy) = compaction {
             tracing::info!(?policy, "auto-compaction enabled");
             tasks.push(tokio::spawn(crate::compactor::run(node.clone(), policy, stopped.clone())));
         }
 
-        if cfg.initial_cluster_state == "new" {
-            if !raft.is_initialized().await? {
-                tracing::info!(members = members.len(), "bootstrapping a new cluster");
-                if let Err(e) = raft.initialize(members).await {
-                    // Another member's vote or log may have initialized us meanwhile.
-                    tracing::info!("initialize: {e}");
-                }
+        if new_cluster && !raft.is_initialized().await? {
+            tracing::info!(members = members.len(), "bootstrapping a new cluster");
+            if let Err(e) = raft.initialize(members).await {
+                // Another member's vote or log may have initialized us meanwhile.
+                tracing::info!("initialize: {e}");
             }
-        } else if cfg.initial_cluster_state != "existing" {
-            anyhow::bail!("--initial-cluster-state must be 'new' or 'existing', got {:?}", cfg.initial_cluster_state);
         }
         tracing::info!(name = %cfg.name, id = format!("{id:x}"), %client_addr, %peer_addr, "raftvm node started");
         Ok(Self { node, client_addr, peer_addr, stop, tasks })
