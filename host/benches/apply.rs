@@ -26,14 +26,7 @@ fn apply_puts(c: &mut Criterion) {
     let db = Arc::new(StateDb::open(&dir.path().join("state")).unwrap());
     let rt = Runtime::new(&dir.path().join("cache")).unwrap();
     let wasm = rt.validate(DEFAULT_KV_MODULE).expect("built-in kv module validates");
-    let record = ModuleRecord {
-        name: "kv".into(),
-        sha256: raftvm::runtime::sha256_hex(&wasm),
-        size: wasm.len() as u64,
-        fuel: DEFAULT_FUEL,
-        memory_bytes: DEFAULT_MEMORY_BYTES,
-        installed_index: 1,
-    };
+    let record = ModuleRecord::for_component("kv".into(), &wasm, DEFAULT_FUEL, DEFAULT_MEMORY_BYTES, 1);
     rt.load(record, &wasm).unwrap();
 
     let mut next = 0usize;

@@ -16,8 +16,8 @@ use openraft::storage::RaftStateMachine;
 use openraft::{AnyError, EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftSnapshotBuilder, Snapshot};
 use tokio::sync::broadcast;
 
-use crate::runtime::{sha256_hex, ApplyContext, Runtime};
-use crate::storage::{machine_prefix, prefix_end, ModuleRecord, PendingBatch, StateDb};
+use crate::runtime::{ApplyContext, Runtime};
+use crate::storage::{machine_prefix, prefix_end, sha256_hex, ModuleRecord, PendingBatch, StateDb};
 use crate::types::{
     ApplyError, ApplyErrorKind, Entry, LogId, Request, Response, SnapshotMeta, StorageError, StoredMembership,
     TypeConfig,
@@ -119,15 +119,14 @@ impl StateMachineStore {
     }
 
     fn install(&self, batch: &mut PendingBatch, name: String, wasm: Vec<u8>, fuel: u64, memory_bytes: u64, index: u64) -> Response {
-        let sha = sha256_hex(&wasm);
-        let record = ModuleRecord { name, sha256: sha.clone(), size: wasm.len() as u64, fuel, memory_bytes, installed_index: index };
+        let record = ModuleRecord::for_component(name, &wasm, fuel, memory_bytes, index);
         // Validated before it was proposed, so this only fails if the engine differs
         // between nodes; every node answers the same either way.
         match self.shared.runtime.load(record.clone(), &wasm) {
             Ok(()) => {
-                batch.blobs.push((sha.clone().into_bytes(), wasm));
+                batch.blobs.push((record.sha256.clone().into_bytes(), wasm));
                 batch.put_module(&record);
-                Response::Installed { sha256: sha, size: record.size }
+                Response::Installed { sha256: record.sha256, size: record.size }
             }
             Err(e) => Response::Failed(ApplyError::new(ApplyErrorKind::InvalidModule, format!("{e:#}"))),
         }

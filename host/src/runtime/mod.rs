@@ -23,11 +23,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
 use anyhow::{Context, Result};
-use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, Store};
 
-use crate::storage::{ModuleRecord, Overlay, StateDb};
+use crate::storage::{sha256_hex, ModuleRecord, Overlay, StateDb};
 use crate::types::{ApplyError, ApplyErrorKind};
 
 pub use host::HostState;
@@ -390,8 +389,4 @@ fn classify(store: &Store<HostState>, e: wasmtime::Error) -> ApplyError {
         // without the wasm backtrace wasmtime attaches as context.
         None => ApplyError::new(ApplyErrorKind::Trap, format!("{}", e.root_cause())),
     }
-}
-
-pub fn sha256_hex(b: &[u8]) -> String {
-    hex::encode(Sha256::digest(b))
 }

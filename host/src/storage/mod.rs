@@ -46,6 +46,18 @@ pub struct ModuleRecord {
     pub installed_index: u64,
 }
 
+impl ModuleRecord {
+    /// The record of component `wasm` installed as `name` at log index `installed_index`.
+    pub fn for_component(name: String, wasm: &[u8], fuel: u64, memory_bytes: u64, installed_index: u64) -> Self {
+        Self { name, sha256: sha256_hex(wasm), size: wasm.len() as u64, fuel, memory_bytes, installed_index }
+    }
+}
+
+/// Hex sha256: the content address of module blobs and compiled artifacts.
+pub fn sha256_hex(b: &[u8]) -> String {
+    hex::encode(Sha256::digest(b))
+}
+
 /// The first key of machine `name`'s range in `data`.
 pub fn machine_prefix(name: &str) -> Vec<u8> {
     let mut p = Vec::with_capacity(name.len() + 1);
