@@ -786,43 +786,31 @@ fn apply_compare<S: Store + ?Sized>(s: &S, view: View, c: &Compare) -> bool {
 }
 
 fn compare_kv(c: &Compare, kv: &KeyValue) -> bool {
-    let int = |f: fn(&TargetUnion) -> Option<i64>| c.target_union.as_ref().and_then(f).unwrap_or(0);
+    use TargetUnion as U;
+    // A target_union holding another field reads as this field's zero value, as
+    // etcd's generated getters do.
+    let u = c.target_union.as_ref();
     let result = match CompareTarget::try_from(c.target) {
-        Ok(CompareTarget::Value) => {
-            let v: &[u8] = match &c.target_union {
-                Some(TargetUnion::Value(v)) => v,
-                _ => &[],
-            };
-            kv.value.as_slice().cmp(v)
-        }
-        Ok(CompareTarget::Create) => kv.create_revision.cmp(&int(|t| {
-            if let TargetUnion::CreateRevision(x) = t {
-                Some(*x)
-            } else {
-                None
-            }
-        })),
-        Ok(CompareTarget::Mod) => kv.mod_revision.cmp(&int(|t| {
-            if let TargetUnion::ModRevision(x) = t {
-                Some(*x)
-            } else {
-                None
-            }
-        })),
-        Ok(CompareTarget::Version) => kv.version.cmp(&int(|t| {
-            if let TargetUnion::Version(x) = t {
-                Some(*x)
-            } else {
-                None
-            }
-        })),
-        Ok(CompareTarget::Lease) => kv.lease.cmp(&int(|t| {
-            if let TargetUnion::Lease(x) = t {
-                Some(*x)
-            } else {
-                None
-            }
-        })),
+        Ok(CompareTarget::Value) => kv.value.as_slice().cmp(match u {
+            Some(U::Value(v)) => v.as_slice(),
+            _ => &[],
+        }),
+        Ok(CompareTarget::Create) => kv.create_revision.cmp(&match u {
+            Some(U::CreateRevision(x)) => *x,
+            _ => 0,
+        }),
+        Ok(CompareTarget::Mod) => kv.mod_revision.cmp(&match u {
+            Some(U::ModRevision(x)) => *x,
+            _ => 0,
+        }),
+        Ok(CompareTarget::Version) => kv.version.cmp(&match u {
+            Some(U::Version(x)) => *x,
+            _ => 0,
+        }),
+        Ok(CompareTarget::Lease) => kv.lease.cmp(&match u {
+            Some(U::Lease(x)) => *x,
+            _ => 0,
+        }),
         Err(_) => Ordering::Equal,
     };
     match CompareResult::try_from(c.result) {
