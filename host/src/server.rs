@@ -122,6 +122,7 @@ impl Server {
         let kv = KvServer::new(KvService {
             node: node.clone(),
             max_request_bytes: cfg.max_request_bytes as usize,
+            max_txn_ops: cfg.max_txn_ops as usize,
             quota_bytes: cfg.quota_bytes(),
         })
             .max_decoding_message_size(4 * (cfg.max_request_bytes as usize + crate::api::etcd_kv::GRPC_OVERHEAD_BYTES))

@@ -1,9 +1,9 @@
 //! etcd's operational features through etcdctl: the space quota with its NOSPACE alarm,
-//! and auto-compaction.
+//! auto-compaction, and `--max-txn-ops`.
 
 use std::time::Duration;
 
-use raftvm_tests::etcd::{etcdctl, wait_kv_module};
+use raftvm_tests::etcd::{etcdctl, wait_kv_module, EtcdServer};
 use raftvm_tests::{poll_until, Cluster};
 
 const ERR_NOSPACE: &str = "etcdserver: mvcc: database space exceeded";
@@ -78,4 +78,44 @@ fn revision_auto_compaction_keeps_the_last_n_revisions() {
     });
     assert_eq!(etcdctl(&ep, &["get", "k", "--rev", "16", "--print-value-only"], "").ok(), "v14");
     assert_eq!(etcdctl(&ep, &["get", "k", "--print-value-only"], "").ok(), "v19");
+}
+
+/// `etcdctl txn` input: no compares, `success` ops, no failure ops.
+fn txn_script(success: &[String]) -> String {
+    format!("\n{}\n\n\n", success.join("\n"))
+}
+
+#[test]
+fn max_txn_ops_flag_behaves_as_etcds() {
+    let c = Cluster::builder(1).arg("--max-txn-ops").arg("3").start();
+    wait_kv_module(&c, 0, Duration::from_secs(20));
+    let etcd = EtcdServer::start_with(&["--max-txn-ops", "3"]);
+    let puts = |n: usize| (0..n).map(|i| format!("put t{i} v{i}")).collect::<Vec<_>>();
+    for ep in [c.endpoint(0), etcd.endpoint()] {
+        let ok = etcdctl(&ep, &["txn"], &txn_script(&puts(3)));
+        assert_eq!(ok.ok(), "SUCCESS\n\nOK\n\nOK\n\nOK", "{ep}");
+        let refused = etcdctl(&ep, &["txn"], &txn_script(&puts(4)));
+        assert!(!refused.success(), "{ep}: {refused:?}");
+        assert!(refused.stderr.contains("etcdserver: too many operations in txn request"), "{ep}: {refused:?}");
+        assert_eq!(etcdctl(&ep, &["get", "t3"], "").ok(), "", "{ep}: the refused txn wrote");
+    }
+}
+
+fn applied_index(c: &Cluster) -> u64 {
+    c.status(0).expect("status").applied_index
+}
+
+#[test]
+fn read_only_txns_are_served_without_the_log() {
+    let c = Cluster::builder(1).start();
+    wait_kv_module(&c, 0, Duration::from_secs(20));
+    let ep = c.endpoint(0);
+    assert_eq!(etcdctl(&ep, &["put", "a", "1"], "").ok(), "OK");
+    let before = applied_index(&c);
+    let script = "value(\"a\") = \"1\"\n\nget a\n\nget b\n\n\n";
+    assert_eq!(etcdctl(&ep, &["txn"], script).ok(), "SUCCESS\n\na\n1");
+    assert_eq!(applied_index(&c), before, "a read-only txn went through the log");
+    // A txn that writes still does.
+    assert_eq!(etcdctl(&ep, &["txn"], "\nput b 2\n\n\n").ok(), "SUCCESS\n\nOK");
+    assert!(applied_index(&c) > before);
 }

@@ -68,6 +68,11 @@ pub struct EtcdServer {
 impl EtcdServer {
     /// Starts etcd and waits until it serves KV requests (`etcdctl get`).
     pub fn start() -> EtcdServer {
+        Self::start_with(&[])
+    }
+
+    /// [`EtcdServer::start`] with extra command-line flags.
+    pub fn start_with(extra: &[&str]) -> EtcdServer {
         let tmp = tempfile::Builder::new().prefix("raftvm-etcd-").tempdir().expect("create temp dir");
         let ports = free_ports(2);
         let (cp, pp) = (ports[0], ports[1]);
@@ -82,6 +87,7 @@ impl EtcdServer {
             .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("d={peer}"), "--initial-cluster-state", "new"])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err));

@@ -8,7 +8,7 @@
 //! | 1   | `RangeRequest`       | `RangeResponse`      | yes   | yes   |
 //! | 2   | `PutRequest`         | `PutResponse`        | yes   | no    |
 //! | 3   | `DeleteRangeRequest` | `DeleteRangeResponse`| yes   | no    |
-//! | 4   | `TxnRequest`         | `TxnResponse`        | yes   | no    |
+//! | 4   | `TxnRequest`         | `TxnResponse`        | yes   | read-only txns |
 //! | 5   | `CompactionRequest`  | `CompactionResponse` | yes   | no    |
 //! | 6   | `HashKVRequest`      | `HashKVResponse`     | no    | yes   |
 //! | 7   | `StatusRequest`      | `StatusResponse` (only header.revision) | no | yes |
@@ -92,13 +92,16 @@ where
     })
 }
 
-/// `query`: tags 1, 6 and 7; the store is read-only.
+/// `query`: tags 1, 4 (a txn that only reads), 6 and 7; the store is
+/// read-only.
 pub fn query<S: Store + ?Sized>(s: &S, request: &[u8]) -> Result<Vec<u8>> {
     let (tag, body) = split(request)?;
     Ok(match tag {
         TAG_RANGE => {
             mvcc::range_request(s, &decode::<RangeRequest>("RangeRequest", body)?)?.encode_to_vec()
         }
+        TAG_TXN => mvcc::read_only_txn_request(s, &decode::<TxnRequest>("TxnRequest", body)?)?
+            .encode_to_vec(),
         TAG_HASH_KV => mvcc::hash_kv_request(s, &decode::<HashKvRequest>("HashKVRequest", body)?)?
             .encode_to_vec(),
         TAG_STATUS => {

@@ -36,4 +36,4 @@ pub mod pb;
 #[cfg(target_arch = "wasm32")]
 mod guest;
 
-pub use error::{Error, MAX_TXN_OPS};
+pub use error::Error;

@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use prost::Message;
 
 use crate::crc32c::Crc32c;
-use crate::error::{Error, Result, MAX_TXN_OPS};
+use crate::error::{Error, Result};
 use crate::host::{Events, Leases, Store};
 use crate::layout::{self, IndexEntry, Rev};
 use crate::pb::etcdserverpb::{
@@ -645,13 +645,10 @@ where
 
 // ------------------------------------------------------------------ txn
 
-/// etcd's `checkTxnRequest`: sizes and empty keys, recursively; a nested txn
-/// gets the budget left after its parent's widest list.
-fn check_txn_request(r: &TxnRequest, max_ops: i64) -> Result<()> {
-    let opc = r.compare.len().max(r.success.len()).max(r.failure.len()) as i64;
-    if opc > max_ops {
-        return Err(Error::TooManyOps);
-    }
+/// etcd's `checkTxnRequest` without its op budget (the host checks
+/// `--max-txn-ops` before proposing, as etcd's gRPC layer does): empty keys
+/// and empty ops, recursively.
+fn check_txn_request(r: &TxnRequest) -> Result<()> {
     if r.compare.iter().any(|c| c.key.is_empty()) {
         return Err(Error::EmptyKey);
     }
@@ -660,12 +657,25 @@ fn check_txn_request(r: &TxnRequest, max_ops: i64) -> Result<()> {
             Some(Request::RequestRange(x)) => check_range_request(x)?,
             Some(Request::RequestPut(x)) => check_put_request(x)?,
             Some(Request::RequestDeleteRange(x)) => check_delete_request(x)?,
-            Some(Request::RequestTxn(x)) => check_txn_request(x, max_ops - opc)?,
+            Some(Request::RequestTxn(x)) => check_txn_request(x)?,
             // etcd: "empty op / nil entry".
             None => return Err(Error::KeyNotFound),
         }
     }
     Ok(())
+}
+
+/// Whether every op of `r` (and of its nested txns) only reads: etcd's
+/// `isTxnReadonly`.
+pub fn txn_is_read_only(r: &TxnRequest) -> bool {
+    r.success
+        .iter()
+        .chain(&r.failure)
+        .all(|op| match &op.request {
+            Some(Request::RequestRange(_)) | None => true,
+            Some(Request::RequestTxn(t)) => txn_is_read_only(t),
+            _ => false,
+        })
 }
 
 /// A deleted interval as etcd's `adt.StringAffineInterval`: `[begin, end)`
@@ -890,7 +900,7 @@ where
     L: Leases + ?Sized,
     E: Events + ?Sized,
 {
-    check_txn_request(r, MAX_TXN_OPS)?;
+    check_txn_request(r)?;
     check_intervals(&r.success)?;
     check_intervals(&r.failure)?;
 
@@ -1000,6 +1010,55 @@ where
     let resp = txn(&mut w, r)?;
     w.finish();
     Ok(resp)
+}
+
+/// A read-only txn answered from a read-only store, as etcd serves those
+/// without raft: the same code path as an applied txn, over a store that
+/// refuses writes (none can happen: `r` was checked to only read).
+pub fn read_only_txn_request<S: Store + ?Sized>(s: &S, r: &TxnRequest) -> Result<TxnResponse> {
+    if !txn_is_read_only(r) {
+        return Err(Error::BadCommand(
+            "kv-mvcc can only answer a read-only txn as a query".into(),
+        ));
+    }
+    txn_request(&mut ReadOnly(s), &mut ReadOnly(s), &mut ReadOnly(s), r)
+}
+
+/// The environment of a read-only txn: reads go to the store; the write half
+/// of each trait is unreachable for a txn that only reads.
+struct ReadOnly<'a, S: ?Sized>(&'a S);
+
+impl<S: Store + ?Sized> Store for ReadOnly<'_, S> {
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.0.get(key)
+    }
+    fn set(&mut self, _: &[u8], _: &[u8]) {
+        unreachable!("a read-only txn wrote")
+    }
+    fn remove(&mut self, _: &[u8]) {
+        unreachable!("a read-only txn removed")
+    }
+    fn scan(&self, start: &[u8], end: &[u8], reverse: bool, limit: u32) -> Vec<(Vec<u8>, Vec<u8>)> {
+        self.0.scan(start, end, reverse, limit)
+    }
+}
+
+impl<S: ?Sized> Leases for ReadOnly<'_, S> {
+    fn is_live(&self, _: i64) -> bool {
+        unreachable!("a read-only txn checked a lease")
+    }
+    fn attach(&mut self, _: i64, _: &[u8]) {
+        unreachable!("a read-only txn attached a lease")
+    }
+    fn detach(&mut self, _: i64, _: &[u8]) {
+        unreachable!("a read-only txn detached a lease")
+    }
+}
+
+impl<S: ?Sized> Events for ReadOnly<'_, S> {
+    fn emit(&mut self, _: &[u8], _: &[u8]) {
+        unreachable!("a read-only txn emitted an event")
+    }
 }
 
 /// Compaction at `c.revision`: history at or below it is removed except the

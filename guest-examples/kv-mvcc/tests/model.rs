@@ -265,7 +265,7 @@ impl Done {
 
 // ---- txn rules, written straight from etcd's description
 
-fn check_op(op: &RequestOp, max: i64) -> Res<()> {
+fn check_op(op: &RequestOp) -> Res<()> {
     match &op.request {
         None => Err(KEY_NOT_FOUND.into()),
         Some(Request::RequestRange(r)) if r.key.is_empty() => Err(EMPTY_KEY.into()),
@@ -281,26 +281,16 @@ fn check_op(op: &RequestOp, max: i64) -> Res<()> {
                 Ok(())
             }
         }
-        Some(Request::RequestTxn(t)) => check_txn(t, max),
+        Some(Request::RequestTxn(t)) => check_txn(t),
         _ => Ok(()),
     }
 }
 
-fn check_txn(t: &TxnRequest, max: i64) -> Res<()> {
-    let opc = [t.compare.len(), t.success.len(), t.failure.len()]
-        .into_iter()
-        .max()
-        .unwrap() as i64;
-    if opc > max {
-        return Err(TOO_MANY_OPS.into());
-    }
+fn check_txn(t: &TxnRequest) -> Res<()> {
     if t.compare.iter().any(|c| c.key.is_empty()) {
         return Err(EMPTY_KEY.into());
     }
-    t.success
-        .iter()
-        .chain(&t.failure)
-        .try_for_each(|op| check_op(op, max - opc))
+    t.success.iter().chain(&t.failure).try_for_each(check_op)
 }
 
 type Dels = Vec<(Vec<u8>, Vec<u8>)>;
@@ -458,12 +448,9 @@ impl Model {
     }
 
     fn put(&mut self, p: &PutRequest) -> Res<PutResponse> {
-        check_op(
-            &RequestOp {
-                request: Some(Request::RequestPut(p.clone())),
-            },
-            MAX_TXN_OPS,
-        )?;
+        check_op(&RequestOp {
+            request: Some(Request::RequestPut(p.clone())),
+        })?;
         let mut w = Work::new(self);
         let resp = w.put(p, true)?;
         w.done().commit(self);
@@ -481,7 +468,7 @@ impl Model {
     }
 
     fn txn(&mut self, t: &TxnRequest) -> Res<TxnResponse> {
-        check_txn(t, MAX_TXN_OPS)?;
+        check_txn(t)?;
         intervals(&t.success)?;
         intervals(&t.failure)?;
         let pre = self.latest().clone();

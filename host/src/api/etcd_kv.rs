@@ -1,9 +1,11 @@
 //! etcd's `etcdserverpb.KV` service on top of the `kv` machine (guest-examples/kv-mvcc).
 //!
 //! Each request travels to the guest as one tag byte plus the request's protobuf bytes;
-//! the guest answers with the matching response message. Writes go through the log,
-//! ranges through `query` (linearizable via read-index unless `serializable`). The host
-//! fills the header fields only it knows: cluster id, member id and raft term.
+//! the guest answers with the matching response message. Writes go through the log;
+//! ranges and txns that only read go through `query`, as etcd serves them without raft
+//! (linearizable via read-index unless serializable). The host checks what etcd checks
+//! in its gRPC layer (sizes, `--max-txn-ops`, the quota) and fills the header fields
+//! only it knows: cluster id, member id and raft term.
 
 use std::sync::Arc;
 
@@ -31,6 +33,8 @@ pub const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 pub struct KvService {
     pub node: Arc<Node>,
     pub max_request_bytes: usize,
+    /// `--max-txn-ops`.
+    pub max_txn_ops: usize,
     /// `--quota-backend-bytes` (resolved; 0 = no quota).
     pub quota_bytes: u64,
 }
@@ -42,6 +46,56 @@ pub fn header(node: &Node, revision: i64) -> ResponseHeader {
 
 const NOSPACE: i32 = AlarmType::Nospace as i32;
 const ERR_NOSPACE: &str = "etcdserver: mvcc: database space exceeded";
+const ERR_TOO_MANY_OPS: &str = "etcdserver: too many operations in txn request";
+const ERR_EMPTY_KEY: &str = "etcdserver: key is not provided";
+const ERR_KEY_NOT_FOUND: &str = "etcdserver: key not found";
+const ERR_VALUE_PROVIDED: &str = "etcdserver: value is provided";
+const ERR_LEASE_PROVIDED: &str = "etcdserver: lease is provided";
+
+/// etcd's `checkTxnRequest`, in its order: the op budget (the widest of compares,
+/// success and failure; a nested txn gets what its parent's widest list leaves), empty
+/// compare keys, then each op's own checks. The guest repeats all but the budget when it
+/// applies the txn; checking here keeps etcd's error precedence, where the budget of a
+/// nested txn is judged only after its parent's keys.
+fn check_txn_request(t: &TxnRequest, max_ops: usize) -> Result<(), &'static str> {
+    let opc = t.compare.len().max(t.success.len()).max(t.failure.len());
+    if opc > max_ops {
+        return Err(ERR_TOO_MANY_OPS);
+    }
+    if t.compare.iter().any(|c| c.key.is_empty()) {
+        return Err(ERR_EMPTY_KEY);
+    }
+    for op in t.success.iter().chain(&t.failure) {
+        match &op.request {
+            Some(request_op::Request::RequestRange(r)) if r.key.is_empty() => return Err(ERR_EMPTY_KEY),
+            Some(request_op::Request::RequestDeleteRange(d)) if d.key.is_empty() => return Err(ERR_EMPTY_KEY),
+            Some(request_op::Request::RequestPut(p)) => {
+                if p.key.is_empty() {
+                    return Err(ERR_EMPTY_KEY);
+                }
+                if p.ignore_value && !p.value.is_empty() {
+                    return Err(ERR_VALUE_PROVIDED);
+                }
+                if p.ignore_lease && p.lease != 0 {
+                    return Err(ERR_LEASE_PROVIDED);
+                }
+            }
+            Some(request_op::Request::RequestTxn(n)) => check_txn_request(n, max_ops - opc)?,
+            Some(_) => {}
+            None => return Err(ERR_KEY_NOT_FOUND),
+        }
+    }
+    Ok(())
+}
+
+/// etcd's `isTxnSerializable`: every range in the txn (and its nested txns) is.
+fn txn_is_serializable(t: &TxnRequest) -> bool {
+    t.success.iter().chain(&t.failure).all(|op| match &op.request {
+        Some(request_op::Request::RequestRange(r)) => r.serializable,
+        Some(request_op::Request::RequestTxn(t)) => txn_is_serializable(t),
+        _ => true,
+    })
+}
 
 /// A txn whose branches (and nested txns) only read.
 fn txn_is_read_only(t: &TxnRequest) -> bool {
@@ -134,13 +188,10 @@ impl KvService {
         Ok(())
     }
 
-    /// Replicate a write. `raft_limited`: whether etcd would size-check it as a raft
-    /// request (it serves read-only txns without raft, so those have no such limit).
-    async fn write<R: WithHeader>(&self, tag: u8, msg: &impl Message, raft_limited: bool) -> Result<Response<R>, Status> {
+    /// Replicate a write.
+    async fn write<R: WithHeader>(&self, tag: u8, msg: &impl Message) -> Result<Response<R>, Status> {
         self.check_grpc_size(msg)?;
-        if raft_limited {
-            self.check_raft_size(msg)?;
-        }
+        self.check_raft_size(msg)?;
         let call = LogRequest::Call { machine: KV_MACHINE.to_string(), payload: frame(tag, msg), timestamp_ms: 0 };
         let (resp, _) = self.node.propose(call).await.map_err(node_status)?;
         match resp {
@@ -150,41 +201,112 @@ impl KvService {
             other => Err(Status::internal(format!("unexpected apply result {other:?}"))),
         }
     }
-}
 
-#[tonic::async_trait]
-impl Kv for KvService {
-    async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
-        let r = req.into_inner();
-        self.check_grpc_size(&r)?;
-        let out = self.node.query(KV_MACHINE, frame(TAG_RANGE, &r), !r.serializable).await.map_err(node_status)?;
+    /// Answer a read from local state, after a read-index barrier if `linearizable`.
+    async fn read<R: WithHeader>(&self, tag: u8, msg: &impl Message, linearizable: bool) -> Result<Response<R>, Status> {
+        self.check_grpc_size(msg)?;
+        let out = self.node.query(KV_MACHINE, frame(tag, msg), linearizable).await.map_err(node_status)?;
         match out {
             Ok(b) => self.finish(&b),
             Err(e) if e.kind == ApplyErrorKind::Rejected => Err(etcd_status(&e.message)),
             Err(e) => Err(apply_status(e)),
         }
     }
+}
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
+        let r = req.into_inner();
+        self.read(TAG_RANGE, &r, !r.serializable).await
+    }
 
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let r = req.into_inner();
         self.check_quota(r.encoded_len()).await?;
-        self.write(TAG_PUT, &r, true).await
+        self.write(TAG_PUT, &r).await
     }
 
     async fn delete_range(&self, req: Request<DeleteRangeRequest>) -> Result<Response<DeleteRangeResponse>, Status> {
-        self.write(TAG_DELETE, &req.into_inner(), true).await
+        self.write(TAG_DELETE, &req.into_inner()).await
     }
 
     async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
         let r = req.into_inner();
+        // etcd's order: the quota interceptor, the gRPC layer's checks, then the server,
+        // which serves read-only txns without raft (so without its raft size limit).
         if txn_has_put(&r) {
             self.check_quota(r.encoded_len()).await?;
         }
-        let raft_limited = !txn_is_read_only(&r);
-        self.write(TAG_TXN, &r, raft_limited).await
+        check_txn_request(&r, self.max_txn_ops).map_err(etcd_status)?;
+        if txn_is_read_only(&r) {
+            return self.read(TAG_TXN, &r, !txn_is_serializable(&r)).await;
+        }
+        self.write(TAG_TXN, &r).await
     }
 
     async fn compact(&self, req: Request<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
-        self.write(TAG_COMPACT, &req.into_inner(), true).await
+        self.write(TAG_COMPACT, &req.into_inner()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn get(key: &str) -> RequestOp {
+        RequestOp { request: Some(request_op::Request::RequestRange(RangeRequest { key: key.into(), ..Default::default() })) }
+    }
+
+    fn put(key: &str) -> RequestOp {
+        RequestOp { request: Some(request_op::Request::RequestPut(PutRequest { key: key.into(), ..Default::default() })) }
+    }
+
+    fn nested(outer: usize, inner: usize) -> TxnRequest {
+        let t = TxnRequest { success: (0..inner).map(|i| put(&format!("n{i}"))).collect(), ..Default::default() };
+        let mut success: Vec<_> = (0..outer).map(|i| get(&format!("g{i}"))).collect();
+        success.push(RequestOp { request: Some(request_op::Request::RequestTxn(t)) });
+        TxnRequest { success, ..Default::default() }
+    }
+
+    #[test]
+    fn op_budget_is_per_level_and_shrinks_with_nesting() {
+        let flat = |n: usize| TxnRequest { failure: (0..n).map(|i| put(&format!("k{i}"))).collect(), ..Default::default() };
+        assert_eq!(check_txn_request(&flat(128), 128), Ok(()));
+        assert_eq!(check_txn_request(&flat(129), 128), Err(ERR_TOO_MANY_OPS));
+        assert_eq!(check_txn_request(&flat(5), 4), Err(ERR_TOO_MANY_OPS));
+        // 99 gets + the nested txn = 100 ops at the top: the nested one may have 28.
+        assert_eq!(check_txn_request(&nested(99, 28), 128), Ok(()));
+        assert_eq!(check_txn_request(&nested(99, 29), 128), Err(ERR_TOO_MANY_OPS));
+    }
+
+    #[test]
+    fn errors_come_in_etcds_order() {
+        // A parent's empty compare key is reported before its nested txn's budget.
+        let mut t = nested(99, 29);
+        t.compare.push(Compare { key: Vec::new(), ..Default::default() });
+        assert_eq!(check_txn_request(&t, 128), Err(ERR_EMPTY_KEY));
+        let empty_op = TxnRequest { success: vec![RequestOp { request: None }], ..Default::default() };
+        assert_eq!(check_txn_request(&empty_op, 128), Err(ERR_KEY_NOT_FOUND));
+        let ignore = PutRequest { key: b"k".to_vec(), value: b"v".to_vec(), ignore_value: true, ..Default::default() };
+        let t = TxnRequest {
+            success: vec![RequestOp { request: Some(request_op::Request::RequestPut(ignore)) }],
+            ..Default::default()
+        };
+        assert_eq!(check_txn_request(&t, 128), Err(ERR_VALUE_PROVIDED));
+    }
+
+    #[test]
+    fn read_only_and_serializable_txns() {
+        let mut t = nested(2, 0);
+        assert!(txn_is_read_only(&t));
+        assert!(!txn_is_serializable(&t));
+        for op in &mut t.success {
+            if let Some(request_op::Request::RequestRange(r)) = &mut op.request {
+                r.serializable = true;
+            }
+        }
+        assert!(txn_is_serializable(&t));
+        assert!(!txn_is_read_only(&nested(2, 1)));
     }
 }
