@@ -53,6 +53,9 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Load-generate against any etcd v3 endpoint (etcd or raftvm) and report throughput
+    /// and latency percentiles.
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -145,6 +148,7 @@ fn status_err(s: tonic::Status) -> anyhow::Error {
 pub async fn run_client(cmd: Command) -> Result<()> {
     match cmd {
         Command::Serve(_) => unreachable!("handled by main"),
+        Command::Bench(args) => crate::bench::run(args).await?,
         Command::Module(ModuleCommand::Install { name, file, fuel, memory_mb, client }) => {
             let wasm = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let r = client

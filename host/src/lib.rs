@@ -12,8 +12,10 @@
 //! - [`node`]: the facade services use: propose (with forwarding), read-index, query.
 //! - [`api`]: gRPC services on the client URL and the error → status mapping.
 //! - [`server`]: wiring and lifecycle; [`cli`]: the command line.
+//! - [`bench`]: `raftvm bench`, a load generator for any etcd v3 endpoint.
 
 pub mod api;
+pub mod bench;
 pub mod cli;
 pub mod compactor;
 pub mod config;
