@@ -19,6 +19,7 @@ pub mod bench;
 pub mod cli;
 pub mod compactor;
 pub mod config;
+pub mod lessor;
 pub mod node;
 pub mod raft;
 pub mod runtime;

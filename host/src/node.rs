@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use serde::{Deserialize, Serialize};
 
-use crate::proto::peer::{raft_peer_server::RaftPeer, Blob, ReadIndexRequest, ReadIndexResponse};
+use crate::proto::peer::{raft_peer_server::RaftPeer, Blob, LeaseReply, LeaseRequest, ReadIndexRequest, ReadIndexResponse};
 use crate::raft::network::peer_client;
 use crate::raft::state_machine::Shared;
 use crate::types::{decode, encode, ApplyError, Member, NodeId, Raft, Request, Response};
@@ -31,7 +31,7 @@ pub enum NodeError {
 }
 
 /// A follower's forwarded proposal, as answered by the node it reached.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 enum ForwardReply {
     Applied { response: Response, index: u64 },
     NotLeader,
@@ -45,6 +45,108 @@ pub struct Node {
     pub raft: Raft,
     pub shared: Arc<Shared>,
     pub request_timeout: Duration,
+    /// Gathers concurrent `Call`s into one log entry (see [`Batcher`]).
+    pub batcher: Batcher,
+}
+
+/// A `Call` waiting for the batcher, and where its outcome goes.
+type Pending = (Request, tokio::sync::oneshot::Sender<ForwardReply>);
+
+/// Most requests in one batch entry, and most payload bytes (a request larger than that
+/// goes alone). Keeps an AppendEntries of `max_payload_entries` entries far below the peer
+/// message limit.
+const BATCH_MAX_REQUESTS: usize = 512;
+const BATCH_MAX_BYTES: usize = 1024 * 1024;
+/// Batches proposed and not yet applied at a time. openraft 0.9 appends and fsyncs one
+/// entry at a time, so proposals that arrive meanwhile wait here and travel together.
+const BATCHES_IN_FLIGHT: usize = 2;
+
+/// Group commit for client commands. openraft 0.9's core writes each proposed entry to
+/// the log and waits for its fsync before it takes the next, so one entry per command
+/// caps a leader at one command per fsync. The batcher instead proposes whatever
+/// commands arrived while the previous batches were in flight as one `Request::Batch`.
+pub struct Batcher {
+    tx: tokio::sync::mpsc::UnboundedSender<Pending>,
+}
+
+impl Batcher {
+    /// Start the batching task for `raft` (on the current tokio runtime).
+    pub fn start(raft: Raft) -> Self {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(run_batcher(raft, rx));
+        Self { tx }
+    }
+}
+
+fn payload_len(r: &Request) -> usize {
+    match r {
+        Request::Call { payload, .. } => payload.len(),
+        _ => 0,
+    }
+}
+
+async fn run_batcher(raft: Raft, mut rx: tokio::sync::mpsc::UnboundedReceiver<Pending>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+    let mut carry: Option<Pending> = None;
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        let first = match carry.take() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => return,
+            },
+        };
+        let mut bytes = payload_len(&first.0);
+        let mut batch = vec![first];
+        while batch.len() < BATCH_MAX_REQUESTS {
+            let Ok(next) = rx.try_recv() else { break };
+            bytes += payload_len(&next.0);
+            if bytes > BATCH_MAX_BYTES {
+                carry = Some(next);
+                break;
+            }
+            batch.push(next);
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            if batch.len() == 1 {
+                let (req, reply) = batch.pop().expect("one");
+                let _ = reply.send(client_write(&raft, req).await);
+            } else {
+                let (requests, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+                let n = requests.len();
+                match client_write(&raft, Request::Batch(requests)).await {
+                    ForwardReply::Applied { response: Response::Batch(rs), index } if rs.len() == n => {
+                        for (response, reply) in rs.into_iter().zip(replies) {
+                            let _ = reply.send(ForwardReply::Applied { response, index });
+                        }
+                    }
+                    ForwardReply::Applied { response, .. } => {
+                        let e = NodeError::Internal(format!("a batch of {n} was answered with {response:?}"));
+                        for reply in replies {
+                            let _ = reply.send(ForwardReply::Failed(e.clone()));
+                        }
+                    }
+                    other => {
+                        for reply in replies {
+                            let _ = reply.send(other.clone());
+                        }
+                    }
+                }
+            }
+            drop(slot);
+        });
+    }
+}
+
+/// Append `req` to the log on this node (the leader) and wait until it is applied.
+async fn client_write(raft: &Raft, req: Request) -> ForwardReply {
+    match raft.client_write(req).await {
+        Ok(r) => ForwardReply::Applied { response: r.data, index: r.log_id.index },
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => ForwardReply::NotLeader,
+        Err(e) => ForwardReply::Failed(NodeError::Internal(e.to_string())),
+    }
 }
 
 fn now_ms() -> u64 {
@@ -53,7 +155,7 @@ fn now_ms() -> u64 {
 
 /// Give a command the leader's clock; called on the node that appends it to the log.
 fn stamp(mut req: Request) -> Request {
-    if let Request::Call { timestamp_ms, .. } = &mut req {
+    if let Request::Call { timestamp_ms, .. } | Request::LeaseRevoke { timestamp_ms, .. } = &mut req {
         *timestamp_ms = now_ms();
     }
     req
@@ -73,7 +175,7 @@ impl Node {
     }
 
     /// Wait (bounded by `deadline`) until the known leader is not `old`.
-    async fn await_leader_change(&self, old: Option<NodeId>, deadline: Instant) -> Result<(), NodeError> {
+    pub(crate) async fn await_leader_change(&self, old: Option<NodeId>, deadline: Instant) -> Result<(), NodeError> {
         let remaining = deadline.saturating_duration_since(Instant::now());
         self.raft
             .wait(Some(remaining))
@@ -85,10 +187,28 @@ impl Node {
 
     /// Propose `req` on this node, which must be the leader.
     async fn propose_local(&self, req: Request) -> ForwardReply {
-        match self.raft.client_write(stamp(req)).await {
-            Ok(r) => ForwardReply::Applied { response: r.data, index: r.log_id.index },
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => ForwardReply::NotLeader,
-            Err(e) => ForwardReply::Failed(NodeError::Internal(e.to_string())),
+        let req = stamp(req);
+        if !matches!(req, Request::Call { .. }) {
+            return client_write(&self.raft, req).await;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.batcher.tx.send((req, tx)).is_err() {
+            return ForwardReply::Failed(NodeError::Internal("the proposal batcher has stopped".into()));
+        }
+        rx.await.unwrap_or_else(|_| ForwardReply::Failed(NodeError::Internal("the proposal batcher dropped a command".into())))
+    }
+
+    /// Propose `req` only if this node is the leader, for decisions only the leader may
+    /// take (expiring a lease: a new leader must not inherit its predecessor's clock).
+    /// `None`: this node is not the leader.
+    pub async fn propose_as_leader(&self, req: Request) -> Option<Result<(Response, u64), NodeError>> {
+        if self.leader() != Some(self.id) {
+            return None;
+        }
+        match self.propose_local(req).await {
+            ForwardReply::Applied { response, index } => Some(Ok((response, index))),
+            ForwardReply::NotLeader => None,
+            ForwardReply::Failed(e) => Some(Err(e)),
         }
     }
 
@@ -250,5 +370,9 @@ impl RaftPeer for PeerService {
             Ok((read, _)) => Ok(tonic::Response::new(ReadIndexResponse { index: read.map(|l| l.index).unwrap_or(0) })),
             Err(e) => Err(tonic::Status::unavailable(e.to_string())),
         }
+    }
+
+    async fn lease(&self, req: tonic::Request<LeaseRequest>) -> Result<tonic::Response<LeaseReply>, tonic::Status> {
+        Ok(tonic::Response::new(self.node.serve_lease_call(req.into_inner()).await))
     }
 }

@@ -11,12 +11,13 @@ use anyhow::{Context, Result};
 use openraft::{SnapshotPolicy, ServerState};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::api::admin::AdminService;
 use crate::api::etcd_kv::{KvService, KV_MACHINE};
+use crate::api::etcd_lease::LeaseService;
 use crate::api::maintenance::MaintenanceService;
 use crate::proto::etcdserverpb::kv_server::KvServer;
+use crate::proto::etcdserverpb::lease_server::LeaseServer;
 use crate::proto::etcdserverpb::maintenance_server::MaintenanceServer;
 use crate::config::{bind_addr, first_url, ServeConfig};
 use crate::node::{Node, PeerService};
@@ -88,6 +89,7 @@ impl Server {
             raft: raft.clone(),
             shared,
             request_timeout: Duration::from_secs(5),
+            batcher: crate::node::Batcher::start(raft.clone()),
         });
 
         let peer_listener = bind(&first_url(&cfg.listen_peer_urls)?).await?;
@@ -104,7 +106,7 @@ impl Server {
         tasks.push(tokio::spawn(async move {
             let r = tonic::transport::Server::builder()
                 .add_service(peer)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(peer_listener), async move {
+                .serve_with_incoming_shutdown(incoming(peer_listener), async move {
                     let _ = s.wait_for(|v| *v).await;
                 })
                 .await;
@@ -124,17 +126,24 @@ impl Server {
             max_request_bytes: cfg.max_request_bytes as usize,
             max_txn_ops: cfg.max_txn_ops as usize,
             quota_bytes: cfg.quota_bytes(),
+            size_cache: Default::default(),
         })
             .max_decoding_message_size(4 * (cfg.max_request_bytes as usize + crate::api::etcd_kv::GRPC_OVERHEAD_BYTES))
             .max_encoding_message_size(usize::MAX);
+        let lease = LeaseServer::new(LeaseService {
+            node: node.clone(),
+            min_ttl: crate::lessor::min_ttl_secs(cfg.election_timeout, cfg.heartbeat_interval),
+            stopped: stopped.clone(),
+        });
         let maint_node = node.clone();
         let mut s = stopped.clone();
         tasks.push(tokio::spawn(async move {
             let r = tonic::transport::Server::builder()
                 .add_service(admin)
                 .add_service(kv)
+                .add_service(lease)
                 .add_service(MaintenanceServer::new(MaintenanceService { node: maint_node }))
-                .serve_with_incoming_shutdown(TcpListenerStream::new(client_listener), async move {
+                .serve_with_incoming_shutdown(incoming(client_listener), async move {
                     let _ = s.wait_for(|v| *v).await;
                 })
                 .await;
@@ -145,6 +154,7 @@ impl Server {
 
         tasks.push(tokio::spawn(leader_callbacks(node.clone(), stopped.clone())));
         tasks.push(tokio::spawn(install_default_kv(node.clone(), stopped.clone())));
+        tasks.push(tokio::spawn(crate::lessor::run_expiry(node.clone(), stopped.clone())));
         if let Some(policy) = compaction {
             tracing::info!(?policy, "auto-compaction enabled");
             tasks.push(tokio::spawn(crate::compactor::run(node.clone(), policy, stopped.clone())));
@@ -239,4 +249,10 @@ async fn install_default_kv(node: Arc<Node>, mut stopped: watch::Receiver<bool>)
             _ = stopped.wait_for(|v| *v) => return,
         }
     }
+}
+
+/// Accepted connections with Nagle's algorithm off: gRPC writes small frames, and with
+/// Nagle on, a response could wait for the client's delayed ACK (~40 ms).
+fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }

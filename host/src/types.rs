@@ -45,6 +45,22 @@ pub enum Request {
     InstallDefault { name: String, wasm: Vec<u8>, fuel: u64, memory_bytes: u64 },
     /// Raise or clear an etcd alarm (e.g. NOSPACE) for a member, cluster-wide.
     Alarm { activate: bool, member_id: u64, alarm: i32 },
+    /// Grant lease `id` for `ttl` seconds (etcd's LeaseGrant). The proposing node picks `id`
+    /// when the client left it 0 and raises `ttl` to the minimum TTL, so applying it is a
+    /// pure function of the log.
+    LeaseGrant { id: i64, ttl: i64 },
+    /// Revoke lease `id` (a client's LeaseRevoke, or the leader expiring it): every machine
+    /// with keys attached to it gets `on-lease-revoked`, then the lease and its attachments
+    /// are dropped.
+    LeaseRevoke {
+        id: i64,
+        /// The leader's wall clock when it accepted the command (ms since the epoch).
+        timestamp_ms: u64,
+    },
+    /// Several `Call`s that reached the leader together, in one log entry: applied in
+    /// order, each as if it were an entry of its own (own transaction, own response), so
+    /// one fsync and one replication round serve them all. They share the entry's index.
+    Batch(Vec<Request>),
 }
 
 /// The result of applying one log entry, handed back to the proposing client.
@@ -58,6 +74,8 @@ pub enum Response {
     Removed,
     /// The command did nothing, identically on every replica.
     Failed(ApplyError),
+    /// One response per request of a `Request::Batch`, in order.
+    Batch(Vec<Response>),
 }
 
 /// Why a command was discarded. Deterministic: every replica computes the same one.

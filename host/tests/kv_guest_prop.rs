@@ -10,8 +10,8 @@
 //! * (b) the native kv-mvcc library over its in-memory `MemNode`;
 //! * (c) a deliberately naive model of etcd v3.4's MVCC store that keeps a full copy of
 //!   the key space for every revision (a compact re-implementation of the one in
-//!   `guest-examples/kv-mvcc/tests/model.rs`, with no live leases: the host has no Lease
-//!   service yet, so `leases.is-live` is false for every id).
+//!   `guest-examples/kv-mvcc/tests/model.rs`, with no live leases: nothing here grants
+//!   one, so `leases.is-live` is false for every id).
 //!
 //! Checked, per command: (a) and (b) return the same bytes (response or error message),
 //! the decoded response equals the model's in every field, the emitted watch events are
@@ -490,7 +490,7 @@ fn value() -> impl Strategy<Value = Vec<u8>> {
     prop::sample::select(vec![vec![], b"x".to_vec(), b"y".to_vec(), b"zz".to_vec()])
 }
 
-/// Mostly no lease; the others are not live (the host has no Lease service yet).
+/// Mostly no lease; the others are not live (nothing in this test grants one).
 fn lease() -> impl Strategy<Value = i64> {
     prop_oneof![12 => Just(0i64), 1 => Just(1), 1 => Just(7)]
 }

@@ -1,7 +1,8 @@
 //! etcd's own clients against a 3-node raftvm cluster:
 //! * the Rust `etcd-client` crate, one client per member: writes through one member are
 //!   visible to linearizable reads on every member; compare-and-swap txns (also racing
-//!   from all members at once); delete by prefix;
+//!   from all members at once); delete by prefix; leases (grant, put with a lease,
+//!   time-to-live, keep-alive stream, revoke);
 //! * `etcdctl` 3.4 with the flags people use, each command run against a real etcd and
 //!   against raftvm (rotating over the members), comparing exit code, stdout and stderr
 //!   (`-w json` ids normalized).
@@ -11,7 +12,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{
+    Client, Compare, CompareOp, DeleteOptions, GetOptions, LeaseGrantOptions, LeaseTimeToLiveOptions, PutOptions, Txn,
+    TxnOp, TxnOpResponse,
+};
 use raftvm_tests::etcd::{etcdctl, start_kv_cluster, EtcdServer};
 use raftvm_tests::CmdOutput;
 
@@ -174,6 +178,88 @@ fn etcd_client_crate_on_three_members() {
         }
         let r = cs[2].delete("del/p", Some(DeleteOptions::new().with_prefix())).await.unwrap();
         assert_eq!(r.deleted(), 0);
+    });
+    cluster.assert_converged(Duration::from_secs(20));
+}
+
+/// The error etcd-client returns for a failed call: (gRPC code name, message).
+fn grpc_error<T: std::fmt::Debug>(r: Result<T, etcd_client::Error>) -> (String, String) {
+    match r {
+        Err(etcd_client::Error::GRpcStatus(s)) => (format!("{:?}", s.code()), s.message().to_string()),
+        other => panic!("expected a gRPC error, got {other:?}"),
+    }
+}
+
+/// Leases through etcd-client, each call on another member: grant (chosen and given ids),
+/// puts under a lease, time-to-live with keys, the lease list, the keep-alive stream, and
+/// revocation, which deletes the attached keys everywhere; then etcd's answers for a lease
+/// that is gone.
+#[test]
+fn etcd_client_crate_leases() {
+    let cluster = start_kv_cluster(3);
+    let urls: Vec<String> = (0..3).map(|i| cluster.node(i).client_url()).collect();
+    runtime().block_on(async {
+        let mut cs = Vec::new();
+        for u in &urls {
+            cs.push(connect(u).await);
+        }
+        let g = cs[0].lease_grant(30, None).await.expect("grant");
+        let id = g.id();
+        assert!(id > 0 && g.ttl() == 30, "{g:?}");
+        let fixed = cs[1].lease_grant(60, Some(LeaseGrantOptions::new().with_id(0x7777))).await.expect("grant with id");
+        assert_eq!((fixed.id(), fixed.ttl()), (0x7777, 60));
+        let dup = cs[2].lease_grant(60, Some(LeaseGrantOptions::new().with_id(0x7777))).await;
+        assert_eq!(grpc_error(dup), ("FailedPrecondition".into(), "etcdserver: lease already exists".into()));
+
+        cs[1].put("lease/a", "1", Some(PutOptions::new().with_lease(id))).await.expect("put a");
+        cs[2].put("lease/b", "2", Some(PutOptions::new().with_lease(id))).await.expect("put b");
+        cs[0].put("lease/c", "3", Some(PutOptions::new().with_lease(0x7777))).await.expect("put c");
+        for (m, c) in cs.iter_mut().enumerate() {
+            let r = c.get("lease/a", None).await.expect("get");
+            assert_eq!(r.kvs()[0].lease(), id, "member {m}");
+        }
+        let t = cs[2].lease_time_to_live(id, Some(LeaseTimeToLiveOptions::new().with_keys())).await.expect("ttl");
+        assert_eq!((t.id(), t.granted_ttl()), (id, 30));
+        assert!((25..=30).contains(&t.ttl()), "{t:?}");
+        let mut keys = t.keys().to_vec();
+        keys.sort();
+        assert_eq!(keys, [b"lease/a".to_vec(), b"lease/b".to_vec()]);
+        let mut listed: Vec<i64> = cs[1].leases().await.expect("leases").leases().iter().map(|l| l.id()).collect();
+        listed.sort();
+        let mut want = vec![id, 0x7777];
+        want.sort();
+        assert_eq!(listed, want);
+
+        // The keep-alive stream, on every member (followers forward to the leader).
+        let mut streams = Vec::new();
+        for c in cs.iter_mut() {
+            let (mut keeper, mut stream) = c.lease_keep_alive(id).await.expect("keep-alive stream");
+            keeper.keep_alive().await.expect("send keep-alive");
+            let r = stream.message().await.expect("keep-alive reply").expect("stream open");
+            assert_eq!((r.id(), r.ttl()), (id, 30), "{r:?}");
+            streams.push((keeper, stream));
+        }
+
+        cs[2].lease_revoke(id).await.expect("revoke");
+        for (m, c) in cs.iter_mut().enumerate() {
+            let r = c.get("lease/", Some(GetOptions::new().with_prefix())).await.expect("get prefix");
+            let keys: Vec<&str> = r.kvs().iter().map(|kv| kv.key_str().unwrap()).collect();
+            assert_eq!(keys, ["lease/c"], "member {m}");
+        }
+        // Gone: keep-alive answers TTL 0, time-to-live -1, revoke and put NotFound.
+        let (keeper, stream) = &mut streams[1];
+        keeper.keep_alive().await.expect("send keep-alive");
+        let r = stream.message().await.expect("keep-alive reply").expect("stream open");
+        assert_eq!((r.id(), r.ttl()), (id, 0));
+        let t = cs[0].lease_time_to_live(id, None).await.expect("ttl of a revoked lease");
+        assert_eq!((t.ttl(), t.granted_ttl()), (-1, 0));
+        let not_found = ("NotFound".to_string(), "etcdserver: requested lease not found".to_string());
+        assert_eq!(grpc_error(cs[1].lease_revoke(id).await), not_found);
+        assert_eq!(grpc_error(cs[2].put("lease/d", "4", Some(PutOptions::new().with_lease(id))).await), not_found);
+        let big = cs[0].lease_grant(9_000_000_001, None).await;
+        assert_eq!(grpc_error(big), ("OutOfRange".into(), "etcdserver: too large lease TTL".into()));
+        cs[0].lease_revoke(0x7777).await.expect("revoke fixed");
+        assert!(cs[1].leases().await.expect("leases").leases().is_empty());
     });
     cluster.assert_converged(Duration::from_secs(20));
 }

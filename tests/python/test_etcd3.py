@@ -300,3 +300,35 @@ def test_compaction_and_errors(clients):
         b.put("", "v")
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert e.value.details() == "etcdserver: key is not provided"
+
+
+def test_leases(clients):
+    a, b, c = clients
+    lease = a.lease(30)
+    assert lease.id > 0 and lease.ttl == 30
+    b.put("/py/lease/a", "1", lease=lease)
+    c.put("/py/lease/b", "2", lease=lease.id)
+    for i, cl in enumerate(clients):
+        value, meta = cl.get("/py/lease/a")
+        assert (value, meta.lease_id) == (b"1", lease.id), f"member {i}"
+    info = c.get_lease_info(lease.id)
+    assert info.grantedTTL == 30 and 25 <= info.TTL <= 30, info
+    assert sorted(info.keys) == [b"/py/lease/a", b"/py/lease/b"]
+    assert [(r.ID, r.TTL) for r in b.refresh_lease(lease.id)] == [(lease.id, 30)]
+    assert lease.granted_ttl == 30
+    fixed = b.lease(60, lease_id=0x5151)
+    assert (fixed.id, fixed.ttl) == (0x5151, 60)
+    with pytest.raises(etcd3.exceptions.PreconditionFailedError):
+        c.lease(60, lease_id=0x5151)
+
+    lease.revoke()
+    for i, cl in enumerate(clients):
+        assert list(cl.get_prefix("/py/lease/")) == [], f"member {i}"
+    assert c.get_lease_info(lease.id).TTL == -1
+    assert [r.TTL for r in a.refresh_lease(lease.id)] == [0]
+    for call in (lambda: b.revoke_lease(lease.id), lambda: c.put("/py/lease/c", "x", lease=lease.id)):
+        with pytest.raises(grpc.RpcError) as e:
+            call()
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        assert e.value.details() == "etcdserver: requested lease not found"
+    fixed.revoke()

@@ -37,7 +37,13 @@ pub struct KvService {
     pub max_txn_ops: usize,
     /// `--quota-backend-bytes` (resolved; 0 = no quota).
     pub quota_bytes: u64,
+    /// The store size last measured, and when: the quota check of every write reuses it
+    /// for [`SIZE_MAX_AGE`] (reading it is a handful of RocksDB property lookups).
+    pub size_cache: std::sync::Mutex<Option<(std::time::Instant, u64)>>,
 }
+
+/// How stale the store size used by the quota check may be.
+const SIZE_MAX_AGE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// A response header as this member reports it.
 pub fn header(node: &Node, revision: i64) -> ResponseHeader {
@@ -177,7 +183,7 @@ impl KvService {
             return Err(etcd_status(ERR_NOSPACE));
         }
         if self.quota_bytes > 0 {
-            let size = db.size().map_err(|e| Status::internal(format!("{e:#}")))?;
+            let size = self.store_size(&db)?;
             if size + request_bytes as u64 > self.quota_bytes {
                 tracing::warn!(size, quota = self.quota_bytes, "backend quota exceeded: raising NOSPACE alarm");
                 let raise = LogRequest::Alarm { activate: true, member_id: self.node.id, alarm: NOSPACE };
@@ -186,6 +192,18 @@ impl KvService {
             }
         }
         Ok(())
+    }
+
+    fn store_size(&self, db: &crate::storage::StateDb) -> Result<u64, Status> {
+        let mut cache = self.size_cache.lock().expect("poisoned");
+        match *cache {
+            Some((at, size)) if at.elapsed() < SIZE_MAX_AGE => Ok(size),
+            _ => {
+                let size = db.size().map_err(|e| Status::internal(format!("{e:#}")))?;
+                *cache = Some((std::time::Instant::now(), size));
+                Ok(size)
+            }
+        }
     }
 
     /// Replicate a write.

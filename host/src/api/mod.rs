@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod etcd_kv;
+pub mod etcd_lease;
 pub mod maintenance;
 
 use crate::node::NodeError;
@@ -34,6 +35,8 @@ pub fn etcd_status(msg: &str) -> tonic::Status {
         "etcdserver: mvcc: required revision has been compacted"
         | "etcdserver: mvcc: required revision is a future revision" => Code::OutOfRange,
         "etcdserver: requested lease not found" => Code::NotFound,
+        "etcdserver: lease already exists" => Code::FailedPrecondition,
+        "etcdserver: too large lease TTL" => Code::OutOfRange,
         "etcdserver: mvcc: database space exceeded" => Code::ResourceExhausted,
         "etcdserver: no leader" | "etcdserver: request timed out" | "etcdserver: leader changed" => Code::Unavailable,
         m if m.starts_with("etcdserver: ") => Code::InvalidArgument,

@@ -16,7 +16,9 @@ use openraft::storage::RaftStateMachine;
 use openraft::{AnyError, EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftSnapshotBuilder, Snapshot};
 use tokio::sync::broadcast;
 
+use crate::lessor::{Lessor, ERR_LEASE_EXISTS, ERR_LEASE_NOT_FOUND, ERR_LEASE_TTL_TOO_LARGE, MAX_LEASE_TTL};
 use crate::runtime::{ApplyContext, Runtime};
+use crate::storage::leases::{attach_key, attached_keys, encode_lease, get_lease, lease_key, list_leases, machine_attach_prefix, LeaseRecord};
 use crate::storage::{machine_prefix, prefix_end, sha256_hex, ModuleRecord, PendingBatch, StateDb};
 use crate::types::{
     ApplyError, ApplyErrorKind, Entry, LogId, Request, Response, SnapshotMeta, StorageError, StoredMembership,
@@ -37,6 +39,8 @@ pub struct Shared {
     db: RwLock<Arc<StateDb>>,
     pub runtime: Arc<Runtime>,
     pub events: broadcast::Sender<Arc<CommittedEvents>>,
+    /// Lease deadlines (not replicated; see `lessor`), kept in step with the applied table.
+    pub leases: Lessor,
     snapshot_seq: AtomicU64,
 }
 
@@ -90,6 +94,8 @@ impl StateMachineStore {
         let db = Arc::new(StateDb::open(&root.join(&current))?);
         let runtime = Arc::new(Runtime::new(&data_dir.join("cache"))?);
         runtime.sync_with(&db).context("loading installed machines")?;
+        let leases = Lessor::default();
+        leases.reset(&list_leases(&db).context("loading leases")?);
         let (events, _) = broadcast::channel(4096);
         Ok(Self {
             shared: Arc::new(Shared {
@@ -97,6 +103,7 @@ impl StateMachineStore {
                 db: RwLock::new(db),
                 runtime,
                 events,
+                leases,
                 snapshot_seq: AtomicU64::new(seq),
             }),
         })
@@ -137,72 +144,180 @@ impl StateMachineStore {
         let db = shared.db();
         let rt = &shared.runtime;
         let mut batch = PendingBatch::default();
+        tracing::trace!(entries = entries.len(), "applying a batch");
         let mut responses = Vec::with_capacity(entries.len());
         let mut committed_events = Vec::new();
+        let mut lease_changes = Vec::new();
         let mut last: Option<LogId> = None;
         for entry in entries {
             last = Some(entry.log_id);
             let index = entry.log_id.index;
-            match entry.payload {
-                EntryPayload::Blank => responses.push(Response::Empty),
-                EntryPayload::Membership(m) => {
-                    batch.set_membership(&StoredMembership::new(Some(entry.log_id), m));
-                    responses.push(Response::Empty);
+            // A batch's requests are applied one by one like entries of their own; their
+            // responses are gathered back into one at the end.
+            let (payloads, batched) = match entry.payload {
+                EntryPayload::Normal(Request::Batch(requests)) => {
+                    (requests.into_iter().map(EntryPayload::Normal).collect(), true)
                 }
-                EntryPayload::Normal(Request::Call { machine, payload, timestamp_ms }) => {
-                    let ctx = ApplyContext { index, term: entry.log_id.leader_id.term, timestamp_ms };
-                    match rt.apply(&machine, &db, &mut batch.data, ctx, &payload)? {
-                        Ok((out, effects)) => {
-                            if !effects.events.is_empty() {
-                                committed_events.push(CommittedEvents { machine, index, events: effects.events });
-                            }
-                            responses.push(Response::Output(out));
-                        }
-                        Err(e) => responses.push(Response::Failed(e)),
-                    }
-                }
-                EntryPayload::Normal(Request::InstallDefault { name, wasm, fuel, memory_bytes }) => {
-                    if batch.default_marked(&name) || db.default_installed(&name)? {
+                payload => (vec![payload], false),
+            };
+            let first_response = responses.len();
+            for payload in payloads {
+                match payload {
+                    EntryPayload::Blank => responses.push(Response::Empty),
+                    EntryPayload::Membership(m) => {
+                        batch.set_membership(&StoredMembership::new(Some(entry.log_id), m));
                         responses.push(Response::Empty);
-                        continue;
                     }
-                    batch.mark_default_installed(&name);
-                    responses.push(self.install(&mut batch, name, wasm, fuel, memory_bytes, index));
-                }
-                EntryPayload::Normal(Request::Alarm { activate, member_id, alarm }) => {
-                    batch.set_alarm(member_id, alarm, activate);
-                    responses.push(Response::Empty);
-                }
-                EntryPayload::Normal(Request::InstallModule { name, wasm, fuel, memory_bytes }) => {
-                    responses.push(self.install(&mut batch, name, wasm, fuel, memory_bytes, index));
-                }
-                EntryPayload::Normal(Request::RemoveModule { name }) => {
-                    if rt.machine(&name).is_none() {
-                        responses.push(Response::Failed(ApplyError::new(
-                            ApplyErrorKind::NoSuchMachine,
-                            format!("machine {name:?} is not installed"),
-                        )));
-                        continue;
+                    EntryPayload::Normal(Request::Call { machine, payload, timestamp_ms }) => {
+                        let ctx = ApplyContext { index, term: entry.log_id.leader_id.term, timestamp_ms };
+                        match rt.apply(&machine, &db, &mut batch.data, ctx, &payload)? {
+                            Ok((out, effects)) => {
+                                if !effects.events.is_empty() {
+                                    committed_events.push(CommittedEvents { machine, index, events: effects.events });
+                                }
+                                responses.push(Response::Output(out));
+                            }
+                            Err(e) => responses.push(Response::Failed(e)),
+                        }
                     }
-                    rt.unload(&name);
-                    batch.remove_module(&name);
-                    let p = machine_prefix(&name);
-                    batch.range_deletes.push((p.clone(), prefix_end(&p)));
-                    // Commit now: later reads in this batch go through the overlay and the
-                    // DB, and neither would see a pending range delete.
-                    batch.set_applied(last);
-                    db.commit(std::mem::take(&mut batch))?;
-                    responses.push(Response::Removed);
+                    EntryPayload::Normal(Request::InstallDefault { name, wasm, fuel, memory_bytes }) => {
+                        if batch.default_marked(&name) || db.default_installed(&name)? {
+                            responses.push(Response::Empty);
+                            continue;
+                        }
+                        batch.mark_default_installed(&name);
+                        responses.push(self.install(&mut batch, name, wasm, fuel, memory_bytes, index));
+                    }
+                    EntryPayload::Normal(Request::Alarm { activate, member_id, alarm }) => {
+                        batch.set_alarm(member_id, alarm, activate);
+                        responses.push(Response::Empty);
+                    }
+                    EntryPayload::Normal(Request::LeaseGrant { id, ttl }) => {
+                        let r = grant(&db, &mut batch, id, ttl)?;
+                        if r == Response::Empty {
+                            lease_changes.push(LeaseChange::Granted(id, ttl));
+                        }
+                        responses.push(r);
+                    }
+                    EntryPayload::Normal(Request::LeaseRevoke { id, timestamp_ms }) => {
+                        let ctx = ApplyContext { index, term: entry.log_id.leader_id.term, timestamp_ms };
+                        let r = self.revoke(&db, &mut batch, ctx, id, &mut committed_events)?;
+                        if r == Response::Empty {
+                            lease_changes.push(LeaseChange::Revoked(id));
+                        }
+                        responses.push(r);
+                    }
+                    EntryPayload::Normal(Request::InstallModule { name, wasm, fuel, memory_bytes }) => {
+                        responses.push(self.install(&mut batch, name, wasm, fuel, memory_bytes, index));
+                    }
+                    EntryPayload::Normal(Request::RemoveModule { name }) => {
+                        if rt.machine(&name).is_none() {
+                            responses.push(Response::Failed(ApplyError::new(
+                                ApplyErrorKind::NoSuchMachine,
+                                format!("machine {name:?} is not installed"),
+                            )));
+                            continue;
+                        }
+                        rt.unload(&name);
+                        batch.remove_module(&name);
+                        let p = machine_prefix(&name);
+                        batch.range_deletes.push((p.clone(), prefix_end(&p)));
+                        // and the keys it attached to leases.
+                        let a = machine_attach_prefix(&name);
+                        batch.range_deletes.push((a.clone(), prefix_end(&a)));
+                        // Commit now: later reads in this batch go through the overlay and the
+                        // DB, and neither would see a pending range delete.
+                        batch.set_applied(last);
+                        db.commit(std::mem::take(&mut batch))?;
+                        responses.push(Response::Removed);
+                    }
+                    EntryPayload::Normal(Request::Batch(_)) => responses.push(Response::Failed(ApplyError::new(
+                        ApplyErrorKind::Rejected,
+                        "a batch inside a batch is not applied",
+                    ))),
                 }
+            }
+            if batched {
+                let gathered = responses.split_off(first_response);
+                responses.push(Response::Batch(gathered));
             }
         }
         batch.set_applied(last);
         db.commit(batch)?;
+        for change in lease_changes {
+            match change {
+                LeaseChange::Granted(id, ttl) => shared.leases.granted(id, ttl),
+                LeaseChange::Revoked(id) => shared.leases.revoked(id),
+            }
+        }
         for ev in committed_events {
             let _ = shared.events.send(Arc::new(ev));
         }
         Ok(responses)
     }
+
+    /// Apply `LeaseRevoke`: drop the lease and its attachments, and give every machine
+    /// that attached keys its `on-lease-revoked` call, all in the current batch. A
+    /// machine's callback failing discards only that callback's writes: the lease is
+    /// revoked either way (identically on every replica).
+    fn revoke(
+        &self,
+        db: &Arc<StateDb>,
+        batch: &mut PendingBatch,
+        ctx: ApplyContext,
+        id: i64,
+        committed_events: &mut Vec<CommittedEvents>,
+    ) -> anyhow::Result<Response> {
+        if get_lease(db, &[&batch.data], id)?.is_none() {
+            return Ok(lease_error(ERR_LEASE_NOT_FOUND));
+        }
+        // Not live any more, so a callback cannot attach new keys to it.
+        batch.data.map.insert(lease_key(id), None);
+        let rt = &self.shared.runtime;
+        for machine in rt.machine_names() {
+            let keys = attached_keys(db, &[&batch.data], &machine, id)?;
+            if keys.is_empty() {
+                continue;
+            }
+            for k in &keys {
+                batch.data.map.insert(attach_key(&machine, id, k), None);
+            }
+            match rt.lease_revoked(&machine, db, &mut batch.data, ctx, id, &keys)? {
+                Ok(effects) => {
+                    if !effects.events.is_empty() {
+                        committed_events.push(CommittedEvents { machine, index: ctx.index, events: effects.events });
+                    }
+                }
+                Err(e) => tracing::warn!(%machine, lease = format!("{id:016x}"), "on-lease-revoked failed: {e}"),
+            }
+        }
+        Ok(Response::Empty)
+    }
+}
+
+/// A lease table change, reported to the lessor once its batch is committed.
+enum LeaseChange {
+    Granted(i64, i64),
+    Revoked(i64),
+}
+
+fn lease_error(msg: &str) -> Response {
+    Response::Failed(ApplyError::new(ApplyErrorKind::Rejected, msg))
+}
+
+/// Apply `LeaseGrant` (etcd's lessor.Grant: the TTL bound first, then uniqueness).
+fn grant(db: &StateDb, batch: &mut PendingBatch, id: i64, ttl: i64) -> anyhow::Result<Response> {
+    if id == 0 {
+        return Ok(lease_error(ERR_LEASE_NOT_FOUND));
+    }
+    if ttl > MAX_LEASE_TTL {
+        return Ok(lease_error(ERR_LEASE_TTL_TOO_LARGE));
+    }
+    if get_lease(db, &[&batch.data], id)?.is_some() {
+        return Ok(lease_error(ERR_LEASE_EXISTS));
+    }
+    batch.data.map.insert(lease_key(id), Some(encode_lease(&LeaseRecord { ttl })));
+    Ok(Response::Empty)
 }
 
 fn write_atomic(path: &Path, data: &[u8]) -> anyhow::Result<()> {
@@ -290,6 +405,7 @@ impl StateMachineStore {
         );
         self.shared.runtime.sync_with(&db)?;
         self.shared.runtime.reset_instances();
+        self.shared.leases.reset(&list_leases(&db)?);
         let old = std::mem::replace(&mut *self.shared.db.write().expect("poisoned"), db);
         write_atomic(&root.join("CURRENT"), name.as_bytes())?;
         self.save_snapshot(meta, &tarball)?;

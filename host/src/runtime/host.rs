@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use crate::storage::{machine_prefix, prefix_end, read_through, scan_through, ModuleRecord, Overlay, StateDb};
+use crate::storage::leases::{attach_key, get_lease};
 
 use super::bindings::raftvm::machine::{events, leases, log, store, types};
 
@@ -144,19 +145,30 @@ impl events::Host for HostState {
 }
 
 impl leases::Host for HostState {
-    // Lease grants arrive with the Lease service; until then no lease is live, so a guest
-    // that attaches keys gets a consistent "not live" answer on every replica.
-    fn is_live(&mut self, _id: i64) -> wasmtime::Result<bool> {
-        Ok(false)
+    // The replicated lease table (storage::leases), read through this command's overlays:
+    // a lease granted earlier in the same batch is live, one revoked earlier is not. No
+    // clock is involved, so every replica gives the same answer.
+    fn is_live(&mut self, id: i64) -> wasmtime::Result<bool> {
+        match get_lease(&self.db, &[&self.base, &self.cmd], id) {
+            Ok(rec) => Ok(rec.is_some()),
+            Err(e) => self.host_fault(e),
+        }
     }
 
-    fn attach(&mut self, id: i64, _key: Vec<u8>) -> wasmtime::Result<()> {
+    // Attachments are rows of the command's own write set: they are kept only if the
+    // command commits.
+    fn attach(&mut self, id: i64, key: Vec<u8>) -> wasmtime::Result<()> {
         self.require_writable("attach")?;
-        Err(wasmtime::Error::msg(format!("lease {id} is not live")))
+        if !self.is_live(id)? {
+            return Err(wasmtime::Error::msg(format!("lease {id} is not live")));
+        }
+        self.cmd.map.insert(attach_key(&self.machine, id, &key), Some(Vec::new()));
+        Ok(())
     }
 
-    fn detach(&mut self, _id: i64, _key: Vec<u8>) -> wasmtime::Result<()> {
+    fn detach(&mut self, id: i64, key: Vec<u8>) -> wasmtime::Result<()> {
         self.require_writable("detach")?;
+        self.cmd.map.insert(attach_key(&self.machine, id, &key), None);
         Ok(())
     }
 }
@@ -187,5 +199,53 @@ impl wasmtime::ResourceLimiter for HostState {
 
     fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         Ok(desired <= 100_000)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::leases::{attached_keys, encode_lease, lease_key, LeaseRecord};
+    use crate::storage::PendingBatch;
+
+    fn record(name: &str) -> ModuleRecord {
+        ModuleRecord::for_component(name.into(), b"", 1, 1 << 20, 1)
+    }
+
+    #[test]
+    fn leases_follow_the_replicated_table_and_attachments_are_command_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(StateDb::open(dir.path()).unwrap());
+        let mut committed = PendingBatch::default();
+        committed.data.map.insert(lease_key(1), Some(encode_lease(&LeaseRecord { ttl: 60 })));
+        committed.data.map.insert(lease_key(2), Some(encode_lease(&LeaseRecord { ttl: 60 })));
+        db.commit(committed).unwrap();
+        // Earlier in the batch: lease 2 revoked, lease 3 granted.
+        let mut batch = Overlay::default();
+        batch.map.insert(lease_key(2), None);
+        batch.map.insert(lease_key(3), Some(encode_lease(&LeaseRecord { ttl: 5 })));
+
+        let mut h = HostState::new(&record("kv"), db.clone());
+        h.begin(batch, true);
+        use leases::Host;
+        assert!(h.is_live(1).unwrap() && !h.is_live(2).unwrap() && h.is_live(3).unwrap() && !h.is_live(0).unwrap());
+        h.attach(1, b"a".to_vec()).unwrap();
+        h.attach(3, b"b".to_vec()).unwrap();
+        let err = h.attach(2, b"c".to_vec()).unwrap_err();
+        assert!(err.to_string().contains("lease 2 is not live"), "{err}");
+        h.detach(1, b"a".to_vec()).unwrap();
+        let (base, cmd, _, fault) = h.finish();
+        assert!(fault.is_none());
+        // Only in the command's write set, under this machine's name.
+        assert!(attached_keys(&db, &[&base], "kv", 3).unwrap().is_empty());
+        assert_eq!(attached_keys(&db, &[&base, &cmd], "kv", 3).unwrap(), vec![b"b".to_vec()]);
+        assert!(attached_keys(&db, &[&base, &cmd], "kv", 1).unwrap().is_empty());
+        assert!(attached_keys(&db, &[&base, &cmd], "other", 3).unwrap().is_empty());
+
+        // Read-only calls (query) may ask, not attach.
+        h.begin(Overlay::default(), false);
+        assert!(h.is_live(1).unwrap());
+        assert!(h.attach(1, b"x".to_vec()).is_err());
+        assert!(h.detach(1, b"x".to_vec()).is_err());
     }
 }

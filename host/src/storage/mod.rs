@@ -25,6 +25,8 @@ use sha2::{Digest, Sha256};
 
 use crate::types::{decode, encode, LogId, StoredMembership};
 
+pub mod leases;
+
 const CF_DATA: &str = "data";
 const CF_META: &str = "meta";
 const CF_BLOBS: &str = "blobs";
@@ -81,6 +83,9 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 pub struct StateDb {
     db: DB,
     path: PathBuf,
+    /// The active alarms, read once and dropped when a commit changes them: every etcd
+    /// write checks them (the NOSPACE quota), and a RocksDB iterator per put is costly.
+    alarms: std::sync::Mutex<Option<Vec<(u64, i32)>>>,
 }
 
 impl StateDb {
@@ -105,7 +110,7 @@ impl StateDb {
         ];
         let db = DB::open_cf_descriptors(&opts, path, cfs)
             .with_context(|| format!("opening state store {}", path.display()))?;
-        Ok(Self { db, path: path.to_owned() })
+        Ok(Self { db, path: path.to_owned(), alarms: std::sync::Mutex::new(None) })
     }
 
     pub fn path(&self) -> &Path {
@@ -180,6 +185,18 @@ impl StateDb {
 
     /// Active alarms as (member id, etcd AlarmType), in key order.
     pub fn alarms(&self) -> Result<Vec<(u64, i32)>> {
+        // Loaded under the lock, so a commit's invalidation (after its write) cannot be
+        // overtaken by a load that read the store before that write.
+        let mut cached = self.alarms.lock().expect("poisoned");
+        if let Some(a) = cached.as_ref() {
+            return Ok(a.clone());
+        }
+        let a = self.load_alarms()?;
+        *cached = Some(a.clone());
+        Ok(a)
+    }
+
+    fn load_alarms(&self) -> Result<Vec<(u64, i32)>> {
         let mut out = Vec::new();
         for item in self.db.iterator_cf(self.cf(CF_META), IteratorMode::From(ALARM_PREFIX, Direction::Forward)) {
             let (k, _) = item?;
@@ -227,6 +244,7 @@ impl StateDb {
             }
         }
         let meta = self.cf(CF_META);
+        let alarms_changed = batch.meta.keys().any(|k| k.starts_with(ALARM_PREFIX));
         for (k, v) in batch.meta {
             match v {
                 Some(v) => wb.put_cf(meta, k, v),
@@ -242,6 +260,9 @@ impl StateDb {
         // No fsync here: the log is durable, and `applied` moves in the same batch, so a
         // crash loses only applied entries that are replayed from the log at restart.
         self.db.write(wb)?;
+        if alarms_changed {
+            *self.alarms.lock().expect("poisoned") = None;
+        }
         Ok(())
     }
 
