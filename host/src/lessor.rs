@@ -24,7 +24,7 @@ use tokio::sync::{watch, Notify};
 use crate::api::etcd_kv::KV_MACHINE;
 use crate::node::{Node, NodeError};
 use crate::proto::peer::{LeaseReply, LeaseRequest};
-use crate::raft::network::peer_client;
+use crate::raft::network::shared_peer_client;
 use crate::storage::leases::{attached_keys, get_lease, LeaseRecord};
 use crate::types::{NodeId, Request, Response};
 
@@ -343,7 +343,7 @@ impl Node {
         let Some(member) = self.member(leader) else {
             return AtLeader::NotLeader;
         };
-        let Ok(mut client) = peer_client(&member.peer_url) else {
+        let Ok(mut client) = shared_peer_client(&member.peer_url) else {
             return AtLeader::NotLeader;
         };
         let mut r = tonic::Request::new(req);

@@ -14,7 +14,7 @@ use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use serde::{Deserialize, Serialize};
 
 use crate::proto::peer::{raft_peer_server::RaftPeer, Blob, LeaseReply, LeaseRequest, ReadIndexRequest, ReadIndexResponse};
-use crate::raft::network::peer_client;
+use crate::raft::network::shared_peer_client;
 use crate::raft::state_machine::Shared;
 use crate::types::{decode, encode, ApplyError, Member, NodeId, Raft, Request, Response};
 
@@ -63,18 +63,19 @@ const BATCHES_IN_FLIGHT: usize = 2;
 
 /// Group commit for client commands. openraft 0.9's core writes each proposed entry to
 /// the log and waits for its fsync before it takes the next, so one entry per command
-/// caps a leader at one command per fsync. The batcher instead proposes whatever
-/// commands arrived while the previous batches were in flight as one `Request::Batch`.
+/// caps a leader at one command per fsync. The batcher instead sends whatever commands
+/// arrived while the previous batches were in flight as one `Request::Batch`: on the
+/// leader as one log entry, on a follower as one forward to the leader (which proposes
+/// it as one entry).
 pub struct Batcher {
     tx: tokio::sync::mpsc::UnboundedSender<Pending>,
+    rx: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Pending>>>,
 }
 
-impl Batcher {
-    /// Start the batching task for `raft` (on the current tokio runtime).
-    pub fn start(raft: Raft) -> Self {
+impl Default for Batcher {
+    fn default() -> Self {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(run_batcher(raft, rx));
-        Self { tx }
+        Self { tx, rx: std::sync::Mutex::new(Some(rx)) }
     }
 }
 
@@ -85,7 +86,7 @@ fn payload_len(r: &Request) -> usize {
     }
 }
 
-async fn run_batcher(raft: Raft, mut rx: tokio::sync::mpsc::UnboundedReceiver<Pending>) {
+async fn run_batcher(node: std::sync::Weak<Node>, mut rx: tokio::sync::mpsc::UnboundedReceiver<Pending>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
     let mut carry: Option<Pending> = None;
     loop {
@@ -108,15 +109,15 @@ async fn run_batcher(raft: Raft, mut rx: tokio::sync::mpsc::UnboundedReceiver<Pe
             }
             batch.push(next);
         }
-        let raft = raft.clone();
+        let Some(node) = node.upgrade() else { return };
         tokio::spawn(async move {
             if batch.len() == 1 {
                 let (req, reply) = batch.pop().expect("one");
-                let _ = reply.send(client_write(&raft, req).await);
+                let _ = reply.send(node.send_to_leader(req).await);
             } else {
                 let (requests, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
                 let n = requests.len();
-                match client_write(&raft, Request::Batch(requests)).await {
+                match node.send_to_leader(Request::Batch(requests)).await {
                     ForwardReply::Applied { response: Response::Batch(rs), index } if rs.len() == n => {
                         for (response, reply) in rs.into_iter().zip(replies) {
                             let _ = reply.send(ForwardReply::Applied { response, index });
@@ -155,8 +156,17 @@ fn now_ms() -> u64 {
 
 /// Give a command the leader's clock; called on the node that appends it to the log.
 fn stamp(mut req: Request) -> Request {
-    if let Request::Call { timestamp_ms, .. } | Request::LeaseRevoke { timestamp_ms, .. } = &mut req {
-        *timestamp_ms = now_ms();
+    match &mut req {
+        Request::Call { timestamp_ms, .. } | Request::LeaseRevoke { timestamp_ms, .. } => *timestamp_ms = now_ms(),
+        Request::Batch(requests) => {
+            let now = now_ms();
+            for r in requests {
+                if let Request::Call { timestamp_ms, .. } = r {
+                    *timestamp_ms = now;
+                }
+            }
+        }
+        _ => {}
     }
     req
 }
@@ -185,17 +195,37 @@ impl Node {
             .map_err(|_| if old.is_some() { NodeError::Timeout } else { NodeError::NoLeader })
     }
 
+    /// Start gathering concurrent commands into batches (once, when the node is shared).
+    pub fn start_batcher(self: &Arc<Self>) {
+        let rx = self.batcher.rx.lock().expect("poisoned").take().expect("the batcher starts once");
+        tokio::spawn(run_batcher(Arc::downgrade(self), rx));
+    }
+
     /// Propose `req` on this node, which must be the leader.
     async fn propose_local(&self, req: Request) -> ForwardReply {
-        let req = stamp(req);
-        if !matches!(req, Request::Call { .. }) {
-            return client_write(&self.raft, req).await;
+        match req {
+            Request::Call { .. } => self.submit(req).await,
+            req => client_write(&self.raft, stamp(req)).await,
         }
+    }
+
+    /// Hand a `Call` to the batcher and wait for its outcome.
+    async fn submit(&self, req: Request) -> ForwardReply {
         let (tx, rx) = tokio::sync::oneshot::channel();
         if self.batcher.tx.send((req, tx)).is_err() {
             return ForwardReply::Failed(NodeError::Internal("the proposal batcher has stopped".into()));
         }
         rx.await.unwrap_or_else(|_| ForwardReply::Failed(NodeError::Internal("the proposal batcher dropped a command".into())))
+    }
+
+    /// The batcher's way out: propose on this node if it leads, else forward to the leader.
+    async fn send_to_leader(&self, req: Request) -> ForwardReply {
+        match self.leader() {
+            Some(l) if l == self.id => client_write(&self.raft, stamp(req)).await,
+            // The leader could not be reached: it has not seen the command.
+            Some(l) => self.forward(l, &req).await.unwrap_or(ForwardReply::NotLeader),
+            None => ForwardReply::NotLeader,
+        }
     }
 
     /// Propose `req` only if this node is the leader, for decisions only the leader may
@@ -223,6 +253,7 @@ impl Node {
                     continue;
                 }
                 Some(l) if l == self.id => self.propose_local(req.clone()).await,
+                Some(_) if matches!(req, Request::Call { .. }) => self.submit(req.clone()).await,
                 Some(l) => match self.forward(l, &req).await {
                     Ok(r) => r,
                     // The leader could not be reached: it has not seen the command.
@@ -244,7 +275,7 @@ impl Node {
 
     async fn forward(&self, leader: NodeId, req: &Request) -> Result<ForwardReply, ()> {
         let member = self.member(leader).ok_or(())?;
-        let mut client = peer_client(&member.peer_url).map_err(|_| ())?;
+        let mut client = shared_peer_client(&member.peer_url).map_err(|_| ())?;
         let mut r = tonic::Request::new(Blob { data: encode(req) });
         r.set_timeout(self.request_timeout);
         match client.forward(r).await {
@@ -303,7 +334,7 @@ impl Node {
 
     async fn remote_read_index(&self, leader: NodeId) -> Option<u64> {
         let member = self.member(leader)?;
-        let mut client = peer_client(&member.peer_url).ok()?;
+        let mut client = shared_peer_client(&member.peer_url).ok()?;
         let mut r = tonic::Request::new(ReadIndexRequest {});
         r.set_timeout(self.request_timeout);
         client.read_index(r).await.ok().map(|r| r.into_inner().index)

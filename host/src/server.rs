@@ -89,8 +89,9 @@ impl Server {
             raft: raft.clone(),
             shared,
             request_timeout: Duration::from_secs(5),
-            batcher: crate::node::Batcher::start(raft.clone()),
+            batcher: Default::default(),
         });
+        node.start_batcher();
 
         let peer_listener = bind(&first_url(&cfg.listen_peer_urls)?).await?;
         let client_listener = bind(&first_url(&cfg.listen_client_urls)?).await?;

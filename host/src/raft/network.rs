@@ -30,6 +30,21 @@ pub fn peer_client(url: &str) -> anyhow::Result<RaftPeerClient<Channel>> {
     Ok(RaftPeerClient::new(ch).max_decoding_message_size(MAX_PEER_MESSAGE).max_encoding_message_size(MAX_PEER_MESSAGE))
 }
 
+/// A client on a channel shared by every request to `url`: forwarded proposals, read-index
+/// and lease calls multiplex over one HTTP/2 connection per peer instead of connecting per
+/// request. (A lazy channel reconnects by itself after a failure.)
+pub fn shared_peer_client(url: &str) -> anyhow::Result<RaftPeerClient<Channel>> {
+    static CLIENTS: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, RaftPeerClient<Channel>>>> =
+        std::sync::OnceLock::new();
+    let mut clients = CLIENTS.get_or_init(Default::default).lock().expect("poisoned");
+    if let Some(c) = clients.get(url) {
+        return Ok(c.clone());
+    }
+    let c = peer_client(url)?;
+    clients.insert(url.to_string(), c.clone());
+    Ok(c)
+}
+
 #[derive(Clone, Default)]
 pub struct Network;
 
