@@ -47,6 +47,37 @@ pub struct Node {
     pub request_timeout: Duration,
     /// Gathers concurrent `Call`s into one log entry (see [`Batcher`]).
     pub batcher: Batcher,
+    /// Gathers concurrent linearizable reads into one read-index round.
+    pub read_batcher: ReadBatcher,
+}
+
+type BarrierWaiter = tokio::sync::oneshot::Sender<Result<(), NodeError>>;
+
+/// Reads waiting for a read-index round (see [`Node::read_barrier`]).
+pub struct ReadBatcher {
+    tx: tokio::sync::mpsc::UnboundedSender<BarrierWaiter>,
+    rx: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<BarrierWaiter>>>,
+}
+
+impl Default for ReadBatcher {
+    fn default() -> Self {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        Self { tx, rx: std::sync::Mutex::new(Some(rx)) }
+    }
+}
+
+/// Rounds run one after another; each serves every read that queued before it began, so
+/// its read index is at least the commit index at the time each of them asked.
+async fn run_read_batcher(node: std::sync::Weak<Node>, mut rx: tokio::sync::mpsc::UnboundedReceiver<BarrierWaiter>) {
+    while let Some(first) = rx.recv().await {
+        let mut waiters = vec![first];
+        waiters.extend(std::iter::from_fn(|| rx.try_recv().ok()));
+        let Some(node) = node.upgrade() else { return };
+        let r = node.read_barrier_round().await;
+        for w in waiters {
+            let _ = w.send(r.clone());
+        }
+    }
 }
 
 /// A `Call` waiting for the batcher, and where its outcome goes.
@@ -195,10 +226,13 @@ impl Node {
             .map_err(|_| if old.is_some() { NodeError::Timeout } else { NodeError::NoLeader })
     }
 
-    /// Start gathering concurrent commands into batches (once, when the node is shared).
+    /// Start gathering concurrent commands and read barriers into batches (once, when the
+    /// node is shared).
     pub fn start_batcher(self: &Arc<Self>) {
         let rx = self.batcher.rx.lock().expect("poisoned").take().expect("the batcher starts once");
         tokio::spawn(run_batcher(Arc::downgrade(self), rx));
+        let rx = self.read_batcher.rx.lock().expect("poisoned").take().expect("the batcher starts once");
+        tokio::spawn(run_read_batcher(Arc::downgrade(self), rx));
     }
 
     /// Propose `req` on this node, which must be the leader.
@@ -287,8 +321,20 @@ impl Node {
         }
     }
 
-    /// Make the next local read linearizable.
+    /// Make the next local read linearizable. Concurrent callers share barrier rounds:
+    /// a caller waits for the first round that starts after it asked (see
+    /// [`run_read_batcher`]), so one quorum round (and on a follower one ReadIndex RPC)
+    /// serves every read that queued up while the previous round ran.
     pub async fn read_barrier(&self) -> Result<(), NodeError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.read_batcher.tx.send(tx).is_err() {
+            return Err(NodeError::Internal("the read barrier batcher has stopped".into()));
+        }
+        rx.await.unwrap_or_else(|_| Err(NodeError::Internal("the read barrier batcher dropped a read".into())))
+    }
+
+    /// One read-index round, for every read queued before it started.
+    async fn read_barrier_round(&self) -> Result<(), NodeError> {
         let deadline = Instant::now() + self.request_timeout;
         loop {
             let leader = self.leader();

@@ -90,6 +90,7 @@ impl Server {
             shared,
             request_timeout: Duration::from_secs(5),
             batcher: Default::default(),
+            read_batcher: Default::default(),
         });
         node.start_batcher();
 
