@@ -30,19 +30,35 @@ pub enum Request {
     /// Run `apply` of machine `machine` on `payload`.
     Call {
         machine: String,
+        // Byte strings are written in one piece, not element by element as serde's
+        // `Vec<T>` is; postcard's bytes are a length plus the bytes either way, so the
+        // encoding is the same.
+        #[serde(with = "serde_bytes")]
         payload: Vec<u8>,
         /// The leader's wall clock when it accepted the command (ms since the epoch).
         timestamp_ms: u64,
     },
     /// Install or upgrade a machine. `wasm` is always a component (the proposing node
     /// componentizes core modules before proposing), already validated.
-    InstallModule { name: String, wasm: Vec<u8>, fuel: u64, memory_bytes: u64 },
+    InstallModule {
+        name: String,
+        #[serde(with = "serde_bytes")]
+        wasm: Vec<u8>,
+        fuel: u64,
+        memory_bytes: u64,
+    },
     /// Remove a machine and all of its state.
     RemoveModule { name: String },
     /// Install a built-in default machine (the etcd `kv` module) when a cluster is new.
     /// Applied at most once per cluster: a replica that has already seen it for `name`
     /// ignores it, so a later upgrade or removal by the user is never undone.
-    InstallDefault { name: String, wasm: Vec<u8>, fuel: u64, memory_bytes: u64 },
+    InstallDefault {
+        name: String,
+        #[serde(with = "serde_bytes")]
+        wasm: Vec<u8>,
+        fuel: u64,
+        memory_bytes: u64,
+    },
     /// Raise or clear an etcd alarm (e.g. NOSPACE) for a member, cluster-wide.
     Alarm { activate: bool, member_id: u64, alarm: i32 },
     /// Grant lease `id` for `ttl` seconds (etcd's LeaseGrant). The proposing node picks `id`
@@ -69,7 +85,7 @@ pub enum Response {
     /// Membership or blank entries.
     Empty,
     /// The guest's `ok` bytes.
-    Output(Vec<u8>),
+    Output(#[serde(with = "serde_bytes")] Vec<u8>),
     Installed { sha256: String, size: u64 },
     Removed,
     /// The command did nothing, identically on every replica.
@@ -185,6 +201,24 @@ mod tests {
         let e2 = Entry { log_id: e.log_id, payload: openraft::EntryPayload::Membership(m.clone()) };
         let back: Entry = decode(&encode(&e2)).unwrap();
         assert!(matches!(back.payload, openraft::EntryPayload::Membership(ref m2) if *m2 == m));
+    }
+
+    #[test]
+    fn byte_fields_encode_as_plain_vecs_did() {
+        // The log written before byte fields used serde_bytes must still decode.
+        #[derive(Serialize)]
+        enum OldRequest {
+            Call { machine: String, payload: Vec<u8>, timestamp_ms: u64 },
+        }
+        let old = OldRequest::Call { machine: "kv".into(), payload: (0..=255).collect(), timestamp_ms: 7 };
+        let new = Request::Call { machine: "kv".into(), payload: (0..=255).collect(), timestamp_ms: 7 };
+        assert_eq!(encode(&old), encode(&new));
+        #[derive(Serialize)]
+        enum OldResponse {
+            _Empty,
+            Output(Vec<u8>),
+        }
+        assert_eq!(encode(&OldResponse::Output(vec![0, 200, 3])), encode(&Response::Output(vec![0, 200, 3])));
     }
 
     #[test]

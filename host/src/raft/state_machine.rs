@@ -438,7 +438,7 @@ impl StateMachineStore {
                 "{}-{}-{}",
                 applied.map(|l| l.leader_id.term).unwrap_or(0),
                 applied.map(|l| l.index).unwrap_or(0),
-                sha256_hex(&data)[..16].to_string()
+                &sha256_hex(&data)[..16]
             );
             let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
             self.save_snapshot(&meta, &data)?;
