@@ -123,18 +123,19 @@ impl Server {
             .max_encoding_message_size(usize::MAX);
         // The transport limit is generous; the service answers over-limit requests with
         // the exact errors etcd gives (see KvService::check_grpc_size).
+        let quota = Arc::new(crate::api::quota::Quota::new(node.clone(), cfg.quota_bytes()));
         let kv = KvServer::new(KvService {
             node: node.clone(),
             max_request_bytes: cfg.max_request_bytes as usize,
             max_txn_ops: cfg.max_txn_ops as usize,
-            quota_bytes: cfg.quota_bytes(),
-            size_cache: Default::default(),
+            quota: quota.clone(),
         })
             .max_decoding_message_size(4 * (cfg.max_request_bytes as usize + crate::api::etcd_kv::GRPC_OVERHEAD_BYTES))
             .max_encoding_message_size(usize::MAX);
         let lease = LeaseServer::new(LeaseService {
             node: node.clone(),
             min_ttl: crate::lessor::min_ttl_secs(cfg.election_timeout, cfg.heartbeat_interval),
+            quota,
             stopped: stopped.clone(),
         });
         let maint_node = node.clone();

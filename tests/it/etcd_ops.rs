@@ -34,6 +34,9 @@ fn quota_raises_nospace_and_recovers_after_compact_defrag_disarm() {
     assert!(alarms.ok().contains("alarm:NOSPACE"), "{alarms:?}");
     let small = etcdctl(&ep, &["put", "tiny", "1"], "");
     assert!(small.stderr.contains(ERR_NOSPACE), "{small:?}");
+    // As in etcd, a lease grant counts as new data too.
+    let grant = etcdctl(&ep, &["lease", "grant", "60"], "");
+    assert!(grant.stderr.contains(ERR_NOSPACE), "{grant:?}");
 
     // Reads and deletes still work.
     assert_eq!(etcdctl(&ep, &["get", "k0", "--print-value-only"], "").ok().len(), value.len());
@@ -50,6 +53,7 @@ fn quota_raises_nospace_and_recovers_after_compact_defrag_disarm() {
     assert!(disarm.ok().contains("alarm:NOSPACE"), "{disarm:?}");
     assert_eq!(etcdctl(&ep, &["alarm", "list"], "").ok(), "");
     assert_eq!(etcdctl(&ep, &["put", "tiny", "1"], "").ok(), "OK");
+    assert!(etcdctl(&ep, &["lease", "grant", "60"], "").ok().contains("granted with TTL(60s)"));
 }
 
 #[test]

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use prost::Message;
 use tonic::{Request, Response, Status};
 
+use super::quota::Quota;
 use super::{apply_status, etcd_status, node_status};
 use crate::node::Node;
 use crate::proto::etcdserverpb::kv_server::Kv;
@@ -35,23 +36,15 @@ pub struct KvService {
     pub max_request_bytes: usize,
     /// `--max-txn-ops`.
     pub max_txn_ops: usize,
-    /// `--quota-backend-bytes` (resolved; 0 = no quota).
-    pub quota_bytes: u64,
-    /// The store size last measured, and when: the quota check of every write reuses it
-    /// for [`SIZE_MAX_AGE`] (reading it is a handful of RocksDB property lookups).
-    pub size_cache: std::sync::Mutex<Option<(std::time::Instant, u64)>>,
+    /// `--quota-backend-bytes`, shared with the Lease service.
+    pub quota: Arc<Quota>,
 }
-
-/// How stale the store size used by the quota check may be.
-const SIZE_MAX_AGE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// A response header as this member reports it.
 pub fn header(node: &Node, revision: i64) -> ResponseHeader {
     ResponseHeader { cluster_id: node.cluster_id, member_id: node.id, revision, raft_term: node.term() }
 }
 
-const NOSPACE: i32 = AlarmType::Nospace as i32;
-const ERR_NOSPACE: &str = "etcdserver: mvcc: database space exceeded";
 const ERR_TOO_MANY_OPS: &str = "etcdserver: too many operations in txn request";
 const ERR_EMPTY_KEY: &str = "etcdserver: key is not provided";
 const ERR_KEY_NOT_FOUND: &str = "etcdserver: key not found";
@@ -173,39 +166,6 @@ impl KvService {
         Ok(Response::new(r))
     }
 
-    /// etcd's space quota: while a NOSPACE alarm is active, or when this write would take
-    /// the store past the quota (which raises the alarm), new data is refused. Reads,
-    /// deletes and compactions still work, so an operator can free space and disarm.
-    async fn check_quota(&self, request_bytes: usize) -> Result<(), Status> {
-        let db = self.node.shared.db();
-        let alarms = db.alarms().map_err(|e| Status::internal(format!("{e:#}")))?;
-        if alarms.iter().any(|(_, a)| *a == NOSPACE) {
-            return Err(etcd_status(ERR_NOSPACE));
-        }
-        if self.quota_bytes > 0 {
-            let size = self.store_size(&db)?;
-            if size + request_bytes as u64 > self.quota_bytes {
-                tracing::warn!(size, quota = self.quota_bytes, "backend quota exceeded: raising NOSPACE alarm");
-                let raise = LogRequest::Alarm { activate: true, member_id: self.node.id, alarm: NOSPACE };
-                self.node.propose(raise).await.map_err(node_status)?;
-                return Err(etcd_status(ERR_NOSPACE));
-            }
-        }
-        Ok(())
-    }
-
-    fn store_size(&self, db: &crate::storage::StateDb) -> Result<u64, Status> {
-        let mut cache = self.size_cache.lock().expect("poisoned");
-        match *cache {
-            Some((at, size)) if at.elapsed() < SIZE_MAX_AGE => Ok(size),
-            _ => {
-                let size = db.size().map_err(|e| Status::internal(format!("{e:#}")))?;
-                *cache = Some((std::time::Instant::now(), size));
-                Ok(size)
-            }
-        }
-    }
-
     /// Replicate a write.
     async fn write<R: WithHeader>(&self, tag: u8, msg: &impl Message) -> Result<Response<R>, Status> {
         self.check_grpc_size(msg)?;
@@ -241,7 +201,7 @@ impl Kv for KvService {
 
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let r = req.into_inner();
-        self.check_quota(r.encoded_len()).await?;
+        self.quota.check(r.encoded_len()).await?;
         self.write(TAG_PUT, &r).await
     }
 
@@ -254,7 +214,7 @@ impl Kv for KvService {
         // etcd's order: the quota interceptor, the gRPC layer's checks, then the server,
         // which serves read-only txns without raft (so without its raft size limit).
         if txn_has_put(&r) {
-            self.check_quota(r.encoded_len()).await?;
+            self.quota.check(r.encoded_len()).await?;
         }
         check_txn_request(&r, self.max_txn_ops).map_err(etcd_status)?;
         if txn_is_read_only(&r) {

@@ -33,6 +33,8 @@ pub struct LeaseService {
     pub min_ttl: i64,
     /// Set when the server stops: open keep-alive streams end.
     pub stopped: watch::Receiver<bool>,
+    /// `--quota-backend-bytes`: etcd refuses grants under NOSPACE too.
+    pub quota: Arc<crate::api::quota::Quota>,
 }
 
 /// A response header with the `kv` machine's current revision (0 if it has none yet).
@@ -73,6 +75,7 @@ impl Lease for LeaseService {
         req: Request<LeaseGrantRequest>,
     ) -> Result<Response<LeaseGrantResponse>, Status> {
         let r = req.into_inner();
+        self.quota.check(crate::api::quota::LEASE_GRANT_COST).await?;
         if r.ttl > MAX_LEASE_TTL {
             return Err(etcd_status(ERR_LEASE_TTL_TOO_LARGE));
         }

@@ -4,6 +4,7 @@ pub mod admin;
 pub mod etcd_kv;
 pub mod etcd_lease;
 pub mod maintenance;
+pub mod quota;
 
 use crate::node::NodeError;
 use crate::types::{ApplyError, ApplyErrorKind};
