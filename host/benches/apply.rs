@@ -25,7 +25,12 @@ fn apply_puts(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let db = Arc::new(StateDb::open(&dir.path().join("state")).unwrap());
     let rt = Runtime::new(&dir.path().join("cache")).unwrap();
-    let wasm = rt.validate(DEFAULT_KV_MODULE).expect("built-in kv module validates");
+    // RAFTVM_BENCH_KV=path.wasm measures another kv-mvcc build than the embedded one.
+    let module = match std::env::var_os("RAFTVM_BENCH_KV") {
+        Some(p) => std::fs::read(&p).expect("reading RAFTVM_BENCH_KV"),
+        None => DEFAULT_KV_MODULE.to_vec(),
+    };
+    let wasm = rt.validate(&module).expect("kv module validates");
     let record = ModuleRecord::for_component("kv".into(), &wasm, DEFAULT_FUEL, DEFAULT_MEMORY_BYTES, 1);
     rt.load(record, &wasm).unwrap();
 

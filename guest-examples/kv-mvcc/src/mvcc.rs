@@ -69,19 +69,23 @@ fn header(revision: i64) -> Option<ResponseHeader> {
     })
 }
 
-/// What a read sees: the current revision and the compacted one.
+/// What a read sees: the current revision (and, read only when a past
+/// revision is asked for, the compacted one: most requests never need it).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct View {
     pub cur: i64,
-    pub compacted: i64,
 }
 
 impl View {
     pub fn of<S: Store + ?Sized>(s: &S) -> Result<View> {
         Ok(View {
             cur: current_rev(s)?,
-            compacted: compacted_rev(s)?,
         })
+    }
+
+    /// The compacted revision (no request changes it while another reads).
+    pub fn compacted<S: Store + ?Sized>(&self, s: &S) -> Result<i64> {
+        compacted_rev(s)
     }
 }
 
@@ -224,7 +228,8 @@ fn range_keys<S: Store + ?Sized>(
     if rev <= 0 {
         rev = view.cur;
     }
-    if rev < view.compacted {
+    // The compacted revision is never above the current one.
+    if rev < view.cur && rev < view.compacted(s)? {
         return Err(Error::Compacted);
     }
     let mut found = Found {
@@ -433,19 +438,17 @@ pub(crate) struct Writer<'a, S: ?Sized, L: ?Sized, E: ?Sized> {
     pub leases: &'a mut L,
     pub events: &'a mut E,
     begin: i64,
-    compacted: i64,
     changes: i64,
 }
 
 impl<'a, S: Store + ?Sized, L: Leases + ?Sized, E: Events + ?Sized> Writer<'a, S, L, E> {
     pub fn new(s: &'a mut S, leases: &'a mut L, events: &'a mut E) -> Result<Self> {
-        let View { cur, compacted } = View::of(s)?;
+        let View { cur } = View::of(s)?;
         Ok(Writer {
             s,
             leases,
             events,
             begin: cur,
-            compacted,
             changes: 0,
         })
     }
@@ -454,7 +457,6 @@ impl<'a, S: Store + ?Sized, L: Leases + ?Sized, E: Events + ?Sized> Writer<'a, S
     pub fn view(&self) -> View {
         View {
             cur: self.begin + i64::from(self.changes > 0),
-            compacted: self.compacted,
         }
     }
 
@@ -941,7 +943,7 @@ where
         match x.revision {
             0 => Ok(()),
             rev if rev > view.cur => Err(Error::FutureRev),
-            rev if rev < view.compacted => Err(Error::Compacted),
+            rev if rev < view.compacted(&*w.s)? => Err(Error::Compacted),
             _ => Ok(()),
         }
     })?;
@@ -1068,7 +1070,8 @@ pub fn compact_request<S: Store + ?Sized>(
     s: &mut S,
     c: &CompactionRequest,
 ) -> Result<CompactionResponse> {
-    let View { cur, compacted } = View::of(s)?;
+    let cur = current_rev(s)?;
+    let compacted = compacted_rev(s)?;
     let rev = c.revision;
     if rev <= compacted {
         return Err(Error::Compacted);
@@ -1114,7 +1117,8 @@ pub fn compact_request<S: Store + ?Sized>(
 /// below the revision (0: latest), in store order. Equal on replicas that
 /// applied the same log.
 pub fn hash_kv_request<S: Store + ?Sized>(s: &S, r: &HashKvRequest) -> Result<HashKvResponse> {
-    let View { cur, compacted } = View::of(s)?;
+    let cur = current_rev(s)?;
+    let compacted = compacted_rev(s)?;
     let mut rev = r.revision;
     if rev > 0 && rev <= compacted {
         return Err(Error::Compacted);
