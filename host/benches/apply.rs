@@ -15,7 +15,10 @@ const BATCH: usize = 256;
 const KEY_SPACE: usize = 100_000;
 
 fn put_command(i: usize) -> Vec<u8> {
-    let req = PutRequest { key: format!("key-{:08}", i % KEY_SPACE).into_bytes(), value: vec![b'v'; 256], ..Default::default() };
+    // Keys hop through the key space (7919 is prime to 100,000: a permutation), so the
+    // store sees random keys, not an append-only pattern.
+    let k = i.wrapping_mul(7919) % KEY_SPACE;
+    let req = PutRequest { key: format!("key-{k:08}").into_bytes(), value: vec![b'v'; 256], ..Default::default() };
     let mut b = vec![2u8];
     req.encode(&mut b).unwrap();
     b
