@@ -17,7 +17,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use openraft::error::{CheckIsLeaderError, RaftError};
 use openraft::ServerState;
 use tokio::sync::{watch, Notify};
 
@@ -361,22 +360,16 @@ impl Node {
     /// Serve a lease call on this node, which must be the leader, once it has applied
     /// everything committed (etcd's waitAppliedIndex), so its lease table is current.
     async fn lease_here(&self, req: &LeaseRequest) -> AtLeader<Option<LeaseTtl>> {
-        let read = match self.raft.get_read_log_id().await {
-            Ok((read, _)) => read,
-            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)))
-            | Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => {
-                return AtLeader::NotLeader
-            }
-            Err(e) => return AtLeader::Failed(NodeError::Internal(e.to_string())),
-        };
-        if self
-            .raft
-            .wait(Some(self.request_timeout))
-            .applied_index_at_least(read.map(|l| l.index), "lease read index")
-            .await
-            .is_err()
-        {
-            return AtLeader::Failed(NodeError::Timeout);
+        // A read barrier (shared with concurrent reads and lease calls: one quorum round
+        // serves them all), then leadership is checked again: a node that lost it in the
+        // meantime passes the call on.
+        match self.read_barrier().await {
+            Ok(()) => {}
+            Err(NodeError::NoLeader | NodeError::LeaderChanged) => return AtLeader::NotLeader,
+            Err(e) => return AtLeader::Failed(e),
+        }
+        if self.leader() != Some(self.id) {
+            return AtLeader::NotLeader;
         }
         let leases = &self.shared.leases;
         if req.renew {

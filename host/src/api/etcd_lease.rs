@@ -53,6 +53,19 @@ async fn header_now(node: &Node) -> ResponseHeader {
     header(node, revision.unwrap_or(0))
 }
 
+/// The header after a command applied at log `index` (on the leader): a follower that
+/// proposed it through the leader first applies it itself, so the revision it reports
+/// includes the command (as etcd's does). If that takes too long, the header is the
+/// current one.
+async fn header_after(node: &Node, index: u64) -> ResponseHeader {
+    let _ = node
+        .raft
+        .wait(Some(node.request_timeout))
+        .applied_index_at_least(Some(index), "the proposed lease command")
+        .await;
+    header_now(node).await
+}
+
 fn log_result(resp: LogResponse) -> Result<(), Status> {
     match resp {
         LogResponse::Empty => Ok(()),
@@ -88,14 +101,14 @@ impl Lease for LeaseService {
             } else {
                 r.id
             };
-            let (resp, _) = self
+            let (resp, index) = self
                 .node
                 .propose(LogRequest::LeaseGrant { id, ttl })
                 .await
                 .map_err(node_status)?;
             match log_result(resp) {
                 Ok(()) => {
-                    let header = Some(header_now(&self.node).await);
+                    let header = Some(header_after(&self.node, index).await);
                     return Ok(Response::new(LeaseGrantResponse {
                         header,
                         id,
@@ -115,7 +128,7 @@ impl Lease for LeaseService {
         req: Request<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
         let id = req.into_inner().id;
-        let (resp, _) = self
+        let (resp, index) = self
             .node
             .propose(LogRequest::LeaseRevoke {
                 id,
@@ -125,7 +138,7 @@ impl Lease for LeaseService {
             .map_err(node_status)?;
         log_result(resp)?;
         Ok(Response::new(LeaseRevokeResponse {
-            header: Some(header_now(&self.node).await),
+            header: Some(header_after(&self.node, index).await),
         }))
     }
 
