@@ -108,14 +108,18 @@ pub struct ClientArgs {
     pub write_out: WriteOut,
 }
 
+/// A comma-separated `--endpoints` list as URLs (`http://` added when no scheme is given).
+pub fn endpoint_urls(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|e| if e.contains("://") { e.to_string() } else { format!("http://{e}") })
+        .collect()
+}
+
 impl ClientArgs {
     fn endpoints(&self) -> Vec<String> {
-        self.endpoints
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(|e| if e.contains("://") { e.to_string() } else { format!("http://{e}") })
-            .collect()
+        endpoint_urls(&self.endpoints)
     }
 
     async fn connect_to(&self, ep: &str) -> Result<AdminClient<Channel>> {

@@ -78,16 +78,13 @@ impl KeyBuf {
     }
 }
 
-/// etcd's prefix range end: the prefix with its last byte below 0xff incremented.
+/// etcd's prefix range end: the store's prefix end, except that a prefix of only 0xff
+/// bytes (no end) is etcd's `"\0"` (every key from the prefix on).
 pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
+    match crate::storage::prefix_end(prefix) {
+        e if e.is_empty() => vec![0],
+        e => e,
     }
-    vec![0] // every key
 }
 
 /// How each client picks the key of its next operation.

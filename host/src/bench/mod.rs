@@ -144,12 +144,7 @@ pub struct BenchArgs {
 impl BenchArgs {
     /// Endpoints as URLs (`http://` added when no scheme is given).
     pub fn endpoint_urls(&self) -> Vec<String> {
-        self.endpoints
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(|e| if e.contains("://") { e.to_string() } else { format!("http://{e}") })
-            .collect()
+        crate::cli::endpoint_urls(&self.endpoints)
     }
 }
 
