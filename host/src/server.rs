@@ -72,6 +72,10 @@ impl Server {
             snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_count.max(1)),
             max_in_snapshot_log_to_keep: CATCHUP_ENTRIES.min(cfg.snapshot_count),
             install_snapshot_timeout: 10_000,
+            // Entries per AppendEntries. openraft counts entries, not bytes; with batch
+            // entries of up to 1 MiB (and single requests up to --max-request-bytes), 32
+            // keeps an AppendEntries well inside MAX_PEER_MESSAGE (openraft's default is 300).
+            max_payload_entries: 32,
             ..Default::default()
         }
         .validate()
