@@ -53,18 +53,27 @@ pub struct Node {
 
 type BarrierWaiter = tokio::sync::oneshot::Sender<Result<(), NodeError>>;
 
-/// Reads waiting for a read-index round (see [`Node::read_barrier`]).
-pub struct ReadBatcher {
-    tx: tokio::sync::mpsc::UnboundedSender<BarrierWaiter>,
-    rx: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<BarrierWaiter>>>,
+/// A queue whose receiving end is taken once, by the task that serves it.
+pub struct Inbox<T> {
+    tx: tokio::sync::mpsc::UnboundedSender<T>,
+    rx: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<T>>>,
 }
 
-impl Default for ReadBatcher {
+impl<T> Default for Inbox<T> {
     fn default() -> Self {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         Self { tx, rx: std::sync::Mutex::new(Some(rx)) }
     }
 }
+
+impl<T> Inbox<T> {
+    fn take_receiver(&self) -> tokio::sync::mpsc::UnboundedReceiver<T> {
+        self.rx.lock().expect("poisoned").take().expect("an inbox is served once")
+    }
+}
+
+/// Reads waiting for a read-index round (see [`Node::read_barrier`]).
+pub type ReadBatcher = Inbox<BarrierWaiter>;
 
 /// Rounds run one after another; each serves every read that queued before it began, so
 /// its read index is at least the commit index at the time each of them asked.
@@ -98,17 +107,8 @@ const BATCHES_IN_FLIGHT: usize = 2;
 /// arrived while the previous batches were in flight as one `Request::Batch`: on the
 /// leader as one log entry, on a follower as one forward to the leader (which proposes
 /// it as one entry).
-pub struct Batcher {
-    tx: tokio::sync::mpsc::UnboundedSender<Pending>,
-    rx: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Pending>>>,
-}
-
-impl Default for Batcher {
-    fn default() -> Self {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        Self { tx, rx: std::sync::Mutex::new(Some(rx)) }
-    }
-}
+#[derive(Default)]
+pub struct Batcher(Inbox<Pending>);
 
 fn payload_len(r: &Request) -> usize {
     match r {
@@ -229,10 +229,8 @@ impl Node {
     /// Start gathering concurrent commands and read barriers into batches (once, when the
     /// node is shared).
     pub fn start_batcher(self: &Arc<Self>) {
-        let rx = self.batcher.rx.lock().expect("poisoned").take().expect("the batcher starts once");
-        tokio::spawn(run_batcher(Arc::downgrade(self), rx));
-        let rx = self.read_batcher.rx.lock().expect("poisoned").take().expect("the batcher starts once");
-        tokio::spawn(run_read_batcher(Arc::downgrade(self), rx));
+        tokio::spawn(run_batcher(Arc::downgrade(self), self.batcher.0.take_receiver()));
+        tokio::spawn(run_read_batcher(Arc::downgrade(self), self.read_batcher.take_receiver()));
     }
 
     /// Propose `req` on this node, which must be the leader.
@@ -246,7 +244,7 @@ impl Node {
     /// Hand a `Call` to the batcher and wait for its outcome.
     async fn submit(&self, req: Request) -> ForwardReply {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        if self.batcher.tx.send((req, tx)).is_err() {
+        if self.batcher.0.tx.send((req, tx)).is_err() {
             return ForwardReply::Failed(NodeError::Internal("the proposal batcher has stopped".into()));
         }
         rx.await.unwrap_or_else(|_| ForwardReply::Failed(NodeError::Internal("the proposal batcher dropped a command".into())))
