@@ -23,7 +23,6 @@ use tokio::sync::{watch, Notify};
 use crate::api::etcd_kv::KV_MACHINE;
 use crate::node::{Node, NodeError};
 use crate::proto::peer::{LeaseReply, LeaseRequest};
-use crate::raft::network::shared_peer_client;
 use crate::storage::leases::{attached_keys, get_lease, LeaseRecord};
 use crate::types::{NodeId, Request, Response};
 
@@ -339,10 +338,7 @@ impl Node {
     }
 
     async fn lease_remote(&self, leader: NodeId, req: LeaseRequest) -> AtLeader<Option<LeaseTtl>> {
-        let Some(member) = self.member(leader) else {
-            return AtLeader::NotLeader;
-        };
-        let Ok(mut client) = shared_peer_client(&member.peer_url) else {
+        let Some(mut client) = self.peer(leader) else {
             return AtLeader::NotLeader;
         };
         let mut r = tonic::Request::new(req);

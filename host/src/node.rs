@@ -12,7 +12,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use serde::{Deserialize, Serialize};
+use tonic::transport::Channel;
 
+use crate::proto::peer::raft_peer_client::RaftPeerClient;
 use crate::proto::peer::{raft_peer_server::RaftPeer, Blob, LeaseReply, LeaseRequest, ReadIndexRequest, ReadIndexResponse};
 use crate::raft::network::shared_peer_client;
 use crate::raft::state_machine::Shared;
@@ -305,9 +307,14 @@ impl Node {
         }
     }
 
+    /// A client for member `id`'s peer service (on the channel shared by all calls to it),
+    /// or `None` if `id` is not a member or its URL is unusable.
+    pub(crate) fn peer(&self, id: NodeId) -> Option<RaftPeerClient<Channel>> {
+        shared_peer_client(&self.member(id)?.peer_url).ok()
+    }
+
     async fn forward(&self, leader: NodeId, req: &Request) -> Result<ForwardReply, ()> {
-        let member = self.member(leader).ok_or(())?;
-        let mut client = shared_peer_client(&member.peer_url).map_err(|_| ())?;
+        let mut client = self.peer(leader).ok_or(())?;
         let mut r = tonic::Request::new(Blob { data: encode(req) });
         r.set_timeout(self.request_timeout);
         match client.forward(r).await {
@@ -377,8 +384,7 @@ impl Node {
     }
 
     async fn remote_read_index(&self, leader: NodeId) -> Option<u64> {
-        let member = self.member(leader)?;
-        let mut client = shared_peer_client(&member.peer_url).ok()?;
+        let mut client = self.peer(leader)?;
         let mut r = tonic::Request::new(ReadIndexRequest {});
         r.set_timeout(self.request_timeout);
         client.read_index(r).await.ok().map(|r| r.into_inner().index)

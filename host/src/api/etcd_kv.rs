@@ -13,20 +13,23 @@ use prost::Message;
 use tonic::{Request, Response, Status};
 
 use super::quota::Quota;
-use super::{apply_status, etcd_status, node_status};
+use super::{etcd_status, kv_error_status, node_status};
 use crate::node::Node;
 use crate::proto::etcdserverpb::kv_server::Kv;
 use crate::proto::etcdserverpb::*;
-use crate::types::{ApplyErrorKind, Request as LogRequest, Response as LogResponse};
+use crate::types::{Request as LogRequest, Response as LogResponse};
 
 /// The machine that serves etcd's key space.
 pub const KV_MACHINE: &str = "kv";
 
+// The kv machine's command tags (guest-examples/kv-mvcc/src/command.rs).
 const TAG_RANGE: u8 = 1;
 const TAG_PUT: u8 = 2;
 const TAG_DELETE: u8 = 3;
 const TAG_TXN: u8 = 4;
 const TAG_COMPACT: u8 = 5;
+pub const TAG_HASH_KV: u8 = 6;
+pub const TAG_STATUS: u8 = 7;
 
 /// What etcd's gRPC server accepts on top of --max-request-bytes.
 pub const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
@@ -135,6 +138,16 @@ fn frame(tag: u8, msg: &impl Message) -> Vec<u8> {
     b
 }
 
+/// Run the `kv` machine's `query` for `msg` under `tag` on local state (after a read-index
+/// barrier if `linearizable`) and decode its answer. The header is the guest's (revision
+/// only).
+pub async fn kv_query<R: Message + Default>(node: &Node, tag: u8, msg: &impl Message, linearizable: bool) -> Result<R, Status> {
+    match node.query(KV_MACHINE, frame(tag, msg), linearizable).await.map_err(node_status)? {
+        Ok(out) => R::decode(out.as_slice()).map_err(|e| Status::internal(format!("kv machine answered garbage: {e}"))),
+        Err(e) => Err(kv_error_status(e)),
+    }
+}
+
 impl KvService {
     /// etcd's two size limits. gRPC refuses any message over `--max-request-bytes` plus
     /// 512 KiB with grpc-go's own error; requests that go through raft are refused from
@@ -159,11 +172,11 @@ impl KvService {
         Ok(())
     }
 
-    fn finish<R: WithHeader>(&self, bytes: &[u8]) -> Result<Response<R>, Status> {
-        let mut r = R::decode(bytes).map_err(|e| Status::internal(format!("kv machine answered garbage: {e}")))?;
+    /// Complete the header of the guest's answer with what only the host knows.
+    fn finish<R: WithHeader>(&self, mut r: R) -> Response<R> {
         let revision = r.header_mut().as_ref().map(|h| h.revision).unwrap_or(0);
         *r.header_mut() = Some(header(&self.node, revision));
-        Ok(Response::new(r))
+        Response::new(r)
     }
 
     /// Replicate a write.
@@ -173,9 +186,11 @@ impl KvService {
         let call = LogRequest::Call { machine: KV_MACHINE.to_string(), payload: frame(tag, msg), timestamp_ms: 0 };
         let (resp, _) = self.node.propose(call).await.map_err(node_status)?;
         match resp {
-            LogResponse::Output(b) => self.finish(&b),
-            LogResponse::Failed(e) if e.kind == ApplyErrorKind::Rejected => Err(etcd_status(&e.message)),
-            LogResponse::Failed(e) => Err(apply_status(e)),
+            LogResponse::Output(b) => {
+                let r = R::decode(b.as_slice()).map_err(|e| Status::internal(format!("kv machine answered garbage: {e}")))?;
+                Ok(self.finish(r))
+            }
+            LogResponse::Failed(e) => Err(kv_error_status(e)),
             other => Err(Status::internal(format!("unexpected apply result {other:?}"))),
         }
     }
@@ -183,12 +198,7 @@ impl KvService {
     /// Answer a read from local state, after a read-index barrier if `linearizable`.
     async fn read<R: WithHeader>(&self, tag: u8, msg: &impl Message, linearizable: bool) -> Result<Response<R>, Status> {
         self.check_grpc_size(msg)?;
-        let out = self.node.query(KV_MACHINE, frame(tag, msg), linearizable).await.map_err(node_status)?;
-        match out {
-            Ok(b) => self.finish(&b),
-            Err(e) if e.kind == ApplyErrorKind::Rejected => Err(etcd_status(&e.message)),
-            Err(e) => Err(apply_status(e)),
-        }
+        Ok(self.finish(kv_query(&self.node, tag, msg, linearizable).await?))
     }
 }
 

@@ -8,22 +8,18 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use prost::Message;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::etcd_kv::{header, KV_MACHINE};
-use super::{etcd_status, node_status};
+use super::etcd_kv::{header, kv_query, TAG_STATUS};
+use super::{etcd_status, kv_error_status, node_status};
 use crate::lessor::{fresh_id, ERR_LEASE_EXISTS, ERR_LEASE_TTL_TOO_LARGE, MAX_LEASE_TTL};
 use crate::node::Node;
 use crate::proto::etcdserverpb::lease_server::Lease;
 use crate::proto::etcdserverpb::*;
 use crate::storage::leases::list_leases;
-use crate::types::{ApplyErrorKind, Request as LogRequest, Response as LogResponse};
+use crate::types::{Request as LogRequest, Response as LogResponse};
 
-/// The kv machine's status query (see api::maintenance): gives the current revision for
-/// response headers, as etcd fills them.
-const TAG_STATUS: u8 = 7;
 /// Grants of a node-chosen id retried after an id collision.
 const GRANT_ATTEMPTS: usize = 3;
 
@@ -39,17 +35,8 @@ pub struct LeaseService {
 
 /// A response header with the `kv` machine's current revision (0 if it has none yet).
 async fn header_now(node: &Node) -> ResponseHeader {
-    let mut b = vec![TAG_STATUS];
-    StatusRequest {}
-        .encode(&mut b)
-        .expect("Vec grows as needed");
-    let revision = match node.query(KV_MACHINE, b, false).await {
-        Ok(Ok(out)) => StatusResponse::decode(out.as_slice())
-            .ok()
-            .and_then(|r| r.header)
-            .map(|h| h.revision),
-        _ => None,
-    };
+    let status = kv_query::<StatusResponse>(node, TAG_STATUS, &StatusRequest {}, false).await;
+    let revision = status.ok().and_then(|r| r.header).map(|h| h.revision);
     header(node, revision.unwrap_or(0))
 }
 
@@ -69,10 +56,7 @@ async fn header_after(node: &Node, index: u64) -> ResponseHeader {
 fn log_result(resp: LogResponse) -> Result<(), Status> {
     match resp {
         LogResponse::Empty => Ok(()),
-        LogResponse::Failed(e) if e.kind == ApplyErrorKind::Rejected => {
-            Err(etcd_status(&e.message))
-        }
-        LogResponse::Failed(e) => Err(super::apply_status(e)),
+        LogResponse::Failed(e) => Err(kv_error_status(e)),
         other => Err(Status::internal(format!(
             "unexpected apply result {other:?}"
         ))),

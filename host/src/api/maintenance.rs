@@ -2,36 +2,23 @@
 
 use std::sync::Arc;
 
-use prost::Message;
 use tonic::{Request, Response, Status};
 
-use super::etcd_kv::{header, KV_MACHINE};
-use super::{apply_status, etcd_status, node_status};
+use super::etcd_kv::{header, kv_query, TAG_HASH_KV, TAG_STATUS};
+use super::node_status;
 use crate::node::Node;
 use crate::proto::etcdserverpb::maintenance_server::Maintenance;
 use crate::proto::etcdserverpb::*;
-use crate::types::{ApplyErrorKind, Request as LogRequest};
+use crate::types::Request as LogRequest;
 
 /// The etcd API level raftvm speaks; clients gate features on the major.minor.
 pub const ETCD_API_VERSION: &str = "3.4.0";
-
-const TAG_HASHKV: u8 = 6;
-const TAG_STATUS: u8 = 7;
 
 pub struct MaintenanceService {
     pub node: Arc<Node>,
 }
 
 impl MaintenanceService {
-    async fn kv_query<R: Message + Default>(&self, tag: u8, req: &impl Message, linearizable: bool) -> Result<R, Status> {
-        let mut b = vec![tag];
-        req.encode(&mut b).expect("Vec grows as needed");
-        match self.node.query(KV_MACHINE, b, linearizable).await.map_err(node_status)? {
-            Ok(out) => R::decode(out.as_slice()).map_err(|e| Status::internal(format!("kv machine answered garbage: {e}"))),
-            Err(e) if e.kind == ApplyErrorKind::Rejected => Err(etcd_status(&e.message)),
-            Err(e) => Err(apply_status(e)),
-        }
-    }
 
     fn revision(&self, h: Option<ResponseHeader>) -> i64 {
         h.map(|h| h.revision).unwrap_or(0)
@@ -65,7 +52,7 @@ impl Maintenance for MaintenanceService {
     }
 
     async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
-        let kv: StatusResponse = self.kv_query(TAG_STATUS, &StatusRequest {}, false).await.unwrap_or_default();
+        let kv: StatusResponse = kv_query(&self.node, TAG_STATUS, &StatusRequest {}, false).await.unwrap_or_default();
         let m = self.node.raft.metrics().borrow().clone();
         let db = self.node.shared.db();
         let size = db.size().unwrap_or(0) as i64;
@@ -110,7 +97,7 @@ impl Maintenance for MaintenanceService {
     }
 
     async fn hash_kv(&self, req: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
-        let mut r: HashKvResponse = self.kv_query(TAG_HASHKV, &req.into_inner(), false).await?;
+        let mut r: HashKvResponse = kv_query(&self.node, TAG_HASH_KV, &req.into_inner(), false).await?;
         let rev = self.revision(r.header.take());
         r.header = Some(header(&self.node, rev));
         Ok(Response::new(r))

@@ -28,6 +28,15 @@ pub fn apply_status(e: ApplyError) -> tonic::Status {
     }
 }
 
+/// A `kv` machine's error as etcd reports it: a rejection carries etcd's own message (mapped
+/// by [`etcd_status`]); traps and resource limits keep raftvm's codes.
+pub fn kv_error_status(e: ApplyError) -> tonic::Status {
+    match e.kind {
+        ApplyErrorKind::Rejected => etcd_status(&e.message),
+        _ => apply_status(e),
+    }
+}
+
 /// etcd's error strings → the gRPC codes etcd uses for them (clients map them back to
 /// typed errors by code and message, so both must match etcd's `rpctypes`).
 pub fn etcd_status(msg: &str) -> tonic::Status {
