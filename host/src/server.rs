@@ -81,6 +81,11 @@ impl Server {
         .validate()
         .context("raft configuration")?;
 
+        // Bind before opening storage: a port already in use then ends the process
+        // before RocksDB and raft have started threads that an early exit would race.
+        let peer_listener = bind(&first_url(&cfg.listen_peer_urls)?).await?;
+        let client_listener = bind(&first_url(&cfg.listen_client_urls)?).await?;
+
         let log = LogStore::open(&data_dir.join("raft"))?;
         let sm = StateMachineStore::open(&data_dir)?;
         let shared = sm.shared();
@@ -98,8 +103,6 @@ impl Server {
         });
         node.start_batcher();
 
-        let peer_listener = bind(&first_url(&cfg.listen_peer_urls)?).await?;
-        let client_listener = bind(&first_url(&cfg.listen_client_urls)?).await?;
         let peer_addr = peer_listener.local_addr()?;
         let client_addr = client_listener.local_addr()?;
         let (stop, stopped) = watch::channel(false);

@@ -4,7 +4,7 @@
 //! key index, `--key-size` digits).
 
 use raftvm_tests::etcd::{all_endpoints, etcdctl, start_kv_cluster, EtcdServer};
-use raftvm_tests::{free_ports, poll_until, run_raftvm, CmdOutput};
+use raftvm_tests::{free_ports, poll_until, private_loopback, run_raftvm, CmdOutput};
 use serde_json::Value;
 
 /// Small runs: 4 clients over 2 connections.
@@ -229,8 +229,9 @@ fn etcd_lease_keepalive_revokes_its_leases() {
 
 #[test]
 fn an_unreachable_endpoint_fails_without_a_report() {
-    let port = free_ports(1)[0];
-    let out = run_raftvm(&["bench", "put", "--endpoints", &format!("127.0.0.1:{port}"), "--json", "--dial-timeout", "1s"]);
+    let host = private_loopback();
+    let port = free_ports(host, 1)[0];
+    let out = run_raftvm(&["bench", "put", "--endpoints", &format!("{host}:{port}"), "--json", "--dial-timeout", "1s"]);
     let err = out.err();
     assert!(err.contains("connecting to"), "{out:?}");
     assert!(out.stdout.is_empty(), "{out:?}");

@@ -12,6 +12,7 @@ with protobuf >= 4, hence the environment variable (set below too, before the im
 
 import ctypes
 import json
+import secrets
 import os
 import shutil
 import signal
@@ -42,12 +43,19 @@ def raftvm_bin():
     return path
 
 
-def free_ports(n):
+def private_loopback():
+    """A random 127.A.B.C outside 127.0.0.0/16, so no other process (whose outgoing
+    connections take ephemeral ports on 127.0.0.1) races for the ports we pick."""
+    r = secrets.randbits(24)
+    return f"127.{1 + r % 254}.{(r >> 8) & 0xFF}.{1 + (r >> 16) % 254}"
+
+
+def free_ports(host, n):
     socks = []
     try:
         for _ in range(n):
             s = socket.socket()
-            s.bind(("127.0.0.1", 0))
+            s.bind((host, 0))
             socks.append(s)
         return [s.getsockname()[1] for s in socks]
     finally:
@@ -79,11 +87,12 @@ class RaftvmCluster:
     def __init__(self, n):
         self.bin = raftvm_bin()
         self.dir = tempfile.mkdtemp(prefix="raftvm-py-")
-        ports = free_ports(2 * n)
+        self.host = host = private_loopback()
+        ports = free_ports(host, 2 * n)
         self.names = [f"n{i + 1}" for i in range(n)]
         self.client_ports = ports[0::2]
         peer_ports = ports[1::2]
-        initial = ",".join(f"{nm}=http://127.0.0.1:{p}" for nm, p in zip(self.names, peer_ports))
+        initial = ",".join(f"{nm}=http://{host}:{p}" for nm, p in zip(self.names, peer_ports))
         token = "raftvm-py-" + uuid.uuid4().hex[:12]
         self.procs, self.logs = [], []
         for nm, cp, pp in zip(self.names, self.client_ports, peer_ports):
@@ -93,10 +102,10 @@ class RaftvmCluster:
             self.logs.append(log_path)
             args = [
                 self.bin, "serve", "--name", nm, "--data-dir", os.path.join(d, "data"),
-                "--listen-client-urls", f"http://127.0.0.1:{cp}",
-                "--advertise-client-urls", f"http://127.0.0.1:{cp}",
-                "--listen-peer-urls", f"http://127.0.0.1:{pp}",
-                "--initial-advertise-peer-urls", f"http://127.0.0.1:{pp}",
+                "--listen-client-urls", f"http://{host}:{cp}",
+                "--advertise-client-urls", f"http://{host}:{cp}",
+                "--listen-peer-urls", f"http://{host}:{pp}",
+                "--initial-advertise-peer-urls", f"http://{host}:{pp}",
                 "--initial-cluster", initial, "--initial-cluster-state", "new",
                 "--initial-cluster-token", token,
             ]
@@ -107,7 +116,7 @@ class RaftvmCluster:
                 ))
 
     def endpoint(self, i):
-        return f"127.0.0.1:{self.client_ports[i]}"
+        return f"{self.host}:{self.client_ports[i]}"
 
     def cli(self, i, *args):
         return subprocess.run([self.bin, *args, "--endpoints", self.endpoint(i)],
@@ -179,7 +188,7 @@ def cluster(request):
 
 @pytest.fixture(scope="module")
 def clients(cluster):
-    cs = [etcd3.client(host="127.0.0.1", port=p, timeout=15) for p in cluster.client_ports]
+    cs = [etcd3.client(host=cluster.host, port=p, timeout=15) for p in cluster.client_ports]
     yield cs
     for c in cs:
         c.close()

@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::{free_ports, poll_until, Cluster, CmdOutput, STARTUP_TIMEOUT};
+use crate::{free_ports, poll_until, private_loopback, Cluster, CmdOutput, STARTUP_TIMEOUT};
 
 /// Name of the machine that serves etcd's key space.
 pub const KV_MACHINE: &str = "kv";
@@ -58,6 +58,8 @@ pub fn etcdctl(endpoints: &str, args: &[&str], stdin: &str) -> CmdOutput {
 
 /// A single-member real etcd (3.4) on free loopback ports, in a private temp dir.
 pub struct EtcdServer {
+    /// A private loopback address (see [`private_loopback`]).
+    pub host: std::net::Ipv4Addr,
     pub client_port: u16,
     pub peer_port: u16,
     pub log: PathBuf,
@@ -74,10 +76,11 @@ impl EtcdServer {
     /// [`EtcdServer::start`] with extra command-line flags.
     pub fn start_with(extra: &[&str]) -> EtcdServer {
         let tmp = tempfile::Builder::new().prefix("raftvm-etcd-").tempdir().expect("create temp dir");
-        let ports = free_ports(2);
+        let host = private_loopback();
+        let ports = free_ports(host, 2);
         let (cp, pp) = (ports[0], ports[1]);
-        let client = format!("http://127.0.0.1:{cp}");
-        let peer = format!("http://127.0.0.1:{pp}");
+        let client = format!("http://{host}:{cp}");
+        let peer = format!("http://{host}:{pp}");
         let log = tmp.path().join("etcd.log");
         let out = File::create(&log).expect("create etcd log");
         let err = out.try_clone().expect("clone log fd");
@@ -100,7 +103,7 @@ impl EtcdServer {
             });
         }
         let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn etcd: {e}"));
-        let s = EtcdServer { client_port: cp, peer_port: pp, log, tmp: Some(tmp), child: Mutex::new(Some(child)) };
+        let s = EtcdServer { host, client_port: cp, peer_port: pp, log, tmp: Some(tmp), child: Mutex::new(Some(child)) };
         poll_until(STARTUP_TIMEOUT, "etcd to serve KV requests", || {
             s.assert_running("startup");
             let out = etcdctl(&s.endpoint(), &["get", "raftvm-probe"], "");
@@ -109,13 +112,13 @@ impl EtcdServer {
         s
     }
 
-    /// `127.0.0.1:PORT` of the client API.
+    /// `HOST:PORT` of the client API.
     pub fn endpoint(&self) -> String {
-        format!("127.0.0.1:{}", self.client_port)
+        format!("{}:{}", self.host, self.client_port)
     }
 
     pub fn client_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        format!("http://{}:{}", self.host, self.client_port)
     }
 
     pub fn dir(&self) -> &Path {
@@ -183,7 +186,7 @@ pub fn start_kv_cluster(n: usize) -> Cluster {
     c
 }
 
-/// Comma-separated client endpoints (`127.0.0.1:P,...`) of every node of `c`.
+/// Comma-separated client endpoints (`HOST:P,...`) of every node of `c`.
 pub fn all_endpoints(c: &Cluster) -> String {
     (0..c.len()).map(|i| c.endpoint(i)).collect::<Vec<_>>().join(",")
 }

@@ -12,8 +12,9 @@
 //! `<workspace>/target/guests`.
 //!
 //! Rules the harness follows (and tests built on it should too):
-//! * ports are picked at run time (bind `127.0.0.1:0`, read, drop), data lives in
-//!   a per-cluster temp dir, so tests run in parallel;
+//! * every cluster listens on a loopback address of its own
+//!   ([`private_loopback`]) with ports picked at run time (bind `HOST:0`, read,
+//!   drop), and keeps its data in a per-cluster temp dir, so tests run in parallel;
 //! * no sleeps as synchronization: [`poll_until`] re-checks a condition at short
 //!   intervals until a deadline;
 //! * every child process is killed and reaped when the [`Cluster`] drops (also on
@@ -28,9 +29,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
-use std::net::TcpListener;
+use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -145,12 +147,35 @@ pub fn sha256_file(path: &Path) -> String {
 // Ports, polling
 // ---------------------------------------------------------------------------
 
-/// `n` distinct free TCP ports on 127.0.0.1. All listeners are held until every
-/// port is chosen, so the ports are distinct; they are released before return
-/// (the small race with other processes is accepted).
-pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> =
-        (0..n).map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0")).collect();
+/// A loopback address of its own for one cluster or server: `127.A.B.C`, chosen at
+/// random outside `127.0.0.0/16`.
+///
+/// Ports picked with [`free_ports`] are only released when the caller's server
+/// binds them, and in that window another process may take the same port. Every
+/// outgoing loopback connection gets its ephemeral port on `127.0.0.1` (the
+/// kernel's source address for `127.0.0.0/8`), and other test clusters sit on
+/// their own random addresses, so nobody else binds ports on this one.
+pub fn private_loopback() -> Ipv4Addr {
+    use std::hash::{BuildHasher, Hasher};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    // RandomState is seeded from the OS: different in every process and call.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.write_u32(std::process::id());
+    let r = h.finish();
+    let a = 1 + (r % 254) as u8; // 1..=254: stays clear of 127.0.x.x
+    let b = (r >> 8) as u8;
+    let c = 1 + ((r >> 16) % 254) as u8; // 1..=254: no .0 or .255
+    Ipv4Addr::new(127, a, b, c)
+}
+
+/// `n` distinct free TCP ports on `host`. All listeners are held until every
+/// port is chosen, so the ports are distinct; they are released before return.
+/// Use a [`private_loopback`] host, so no other process races for them.
+pub fn free_ports(host: Ipv4Addr, n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind((host, 0)).unwrap_or_else(|e| panic!("bind {host}:0: {e}")))
+        .collect();
     listeners.iter().map(|l| l.local_addr().expect("local_addr").port()).collect()
 }
 
@@ -354,6 +379,8 @@ pub fn parse_module_list(out: &str) -> Result<Vec<ModuleEntry>, String> {
 /// One `raftvm serve` process (running or not).
 pub struct Node {
     pub name: String,
+    /// The cluster's private loopback address (see [`private_loopback`]).
+    pub host: Ipv4Addr,
     pub client_port: u16,
     pub peer_port: u16,
     /// Node directory: holds `data/` and `node.log`.
@@ -367,17 +394,17 @@ pub struct Node {
 }
 
 impl Node {
-    /// `127.0.0.1:PORT` of the client API.
+    /// `HOST:PORT` of the client API.
     pub fn endpoint(&self) -> String {
-        format!("127.0.0.1:{}", self.client_port)
+        format!("{}:{}", self.host, self.client_port)
     }
 
     pub fn client_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        format!("http://{}:{}", self.host, self.client_port)
     }
 
     pub fn peer_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.peer_port)
+        format!("http://{}:{}", self.host, self.peer_port)
     }
 
     /// The `serve` arguments this node is (re)started with.
@@ -545,12 +572,13 @@ impl ClusterBuilder {
         assert!(self.size >= 1, "a cluster needs at least one node");
         raftvm_bin(); // fail on a missing binary before creating anything
         let tmp = tempfile::Builder::new().prefix("raftvm-it-").tempdir().expect("create temp dir");
-        let ports = free_ports(2 * self.size);
+        let host = private_loopback();
+        let ports = free_ports(host, 2 * self.size);
         let names: Vec<String> = (1..=self.size).map(|i| format!("n{i}")).collect();
         let initial_cluster = names
             .iter()
             .enumerate()
-            .map(|(i, n)| format!("{n}=http://127.0.0.1:{}", ports[2 * i + 1]))
+            .map(|(i, n)| format!("{n}=http://{host}:{}", ports[2 * i + 1]))
             .collect::<Vec<_>>()
             .join(",");
         // Unique per cluster, so two clusters that somehow reach each other refuse to mix.
@@ -562,8 +590,8 @@ impl ClusterBuilder {
                 let dir = tmp.path().join(name);
                 let data_dir = dir.join("data");
                 fs::create_dir_all(&dir).expect("create node dir");
-                let client_url = format!("http://127.0.0.1:{}", ports[2 * i]);
-                let peer_url = format!("http://127.0.0.1:{}", ports[2 * i + 1]);
+                let client_url = format!("http://{host}:{}", ports[2 * i]);
+                let peer_url = format!("http://{host}:{}", ports[2 * i + 1]);
                 let mut args: Vec<String> = vec![
                     "serve".into(),
                     "--name".into(),
@@ -597,6 +625,7 @@ impl ClusterBuilder {
                 args.extend(self.extra_args.iter().cloned());
                 Node {
                     name: name.clone(),
+                    host,
                     client_port: ports[2 * i],
                     peer_port: ports[2 * i + 1],
                     log: dir.join("node.log"),
