@@ -170,7 +170,7 @@ impl<'a> Work<'a> {
             value,
             lease,
         };
-        self.events.push((key.to_vec(), Event { r#type: EventType::Put as i32, kv: Some(kv.clone()), prev_kv: prev }));
+        self.events.push((key.to_vec(), Event { r#type: EventType::Put as i32, kv: Some(kv.clone()), prev_kv: None }));
         self.work.insert(key.to_vec(), kv);
         self.changed = true;
         rev
@@ -198,7 +198,7 @@ impl<'a> Work<'a> {
             let prev = self.work.remove(&k).expect("live key");
             let kv = KeyValue { key: k.clone(), mod_revision: rev, ..Default::default() };
             self.events
-                .push((k, Event { r#type: EventType::Delete as i32, kv: Some(kv), prev_kv: Some(prev.clone()) }));
+                .push((k, Event { r#type: EventType::Delete as i32, kv: Some(kv), prev_kv: None }));
             self.changed = true;
             gone.push(prev);
         }

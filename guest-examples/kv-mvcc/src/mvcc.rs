@@ -472,10 +472,6 @@ impl<'a, S: Store + ?Sized, L: Leases + ?Sized, E: Events + ?Sized> Writer<'a, S
     fn put(&mut self, key: &[u8], value: Vec<u8>, lease: i64) -> Result<i64> {
         let rev = self.next();
         let prev_ie = index_entry(self.s, key)?;
-        let prev_kv = match &prev_ie {
-            Some(ie) => Some(load_kv(self.s, key, ie, true)?),
-            None => None,
-        };
         let (create_revision, version) = match &prev_ie {
             Some(ie) => (ie.create_revision, ie.version + 1),
             None => (rev.main, 1),
@@ -514,7 +510,7 @@ impl<'a, S: Store + ?Sized, L: Leases + ?Sized, E: Events + ?Sized> Writer<'a, S
             Event {
                 r#type: EventType::Put as i32,
                 kv: Some(kv),
-                prev_kv,
+                prev_kv: None,
             },
         );
         self.changes += 1;
@@ -541,7 +537,7 @@ impl<'a, S: Store + ?Sized, L: Leases + ?Sized, E: Events + ?Sized> Writer<'a, S
             Event {
                 r#type: EventType::Delete as i32,
                 kv: Some(kv),
-                prev_kv: Some(prev),
+                prev_kv: None,
             },
         );
         self.changes += 1;
@@ -549,12 +545,12 @@ impl<'a, S: Store + ?Sized, L: Leases + ?Sized, E: Events + ?Sized> Writer<'a, S
 
     /// etcd's `storeTxnWrite.DeleteRange`: the deleted key-values and the
     /// response revision (unchanged when nothing was written so far).
-    fn delete_range(&mut self, key: &[u8], end: End) -> Result<(Vec<KeyValue>, i64)> {
+    fn delete_range(&mut self, key: &[u8], end: End, need_values: bool) -> Result<(Vec<KeyValue>, i64)> {
         let opts = RangeOpts {
             rev: 0,
             limit: 0,
             count_only: false,
-            need_value: true,
+            need_value: need_values,
         };
         let Found { kvs, .. } = range_keys(self.s, self.view(), key, end, opts)?;
         for kv in &kvs {
@@ -637,7 +633,7 @@ where
     L: Leases + ?Sized,
     E: Events + ?Sized,
 {
-    let (deleted, revision) = w.delete_range(&d.key, end_of(&d.range_end))?;
+    let (deleted, revision) = w.delete_range(&d.key, end_of(&d.range_end), d.prev_kv)?;
     Ok(DeleteRangeResponse {
         header: header(revision),
         deleted: deleted.len() as i64,

@@ -167,7 +167,8 @@ impl<'a> Work<'a> {
             Event {
                 r#type: EventType::Put as i32,
                 kv: Some(kv.clone()),
-                prev_kv: prev,
+                // Events carry no prev_kv: a watcher that wants it reads mod_revision - 1.
+                prev_kv: None,
             },
         ));
         self.work.insert(key.to_vec(), kv);
@@ -190,7 +191,7 @@ impl<'a> Work<'a> {
                 Event {
                     r#type: EventType::Delete as i32,
                     kv: Some(kv),
-                    prev_kv: Some(prev.clone()),
+                    prev_kv: None,
                 },
             ));
             self.changed = true;
