@@ -29,6 +29,11 @@ pub struct HostState {
     oom: Option<String>,
     /// A failure of the node's own storage while the guest ran: the call must not count.
     fault: Option<anyhow::Error>,
+    /// Host reads this call may still make (a get or a scanned row costs 1, plus 1 per
+    /// KiB returned), `None` for no limit. Fuel counts guest instructions only; this
+    /// bounds the host work a query does on an async worker (see `Runtime::query_within`).
+    read_budget: Option<u64>,
+    over_read_budget: bool,
 }
 
 impl HostState {
@@ -46,6 +51,8 @@ impl HostState {
             memory_cap: usize::try_from(record.memory_bytes).unwrap_or(usize::MAX),
             oom: None,
             fault: None,
+            read_budget: None,
+            over_read_budget: false,
         }
     }
 
@@ -64,6 +71,36 @@ impl HostState {
         self.writable = writable;
         self.oom = None;
         self.fault = None;
+        self.read_budget = None;
+        self.over_read_budget = false;
+    }
+
+    /// Limit the host reads of the call just begun (see `read_budget`).
+    pub(super) fn limit_reads(&mut self, budget: u64) {
+        self.read_budget = Some(budget);
+    }
+
+    /// Whether the call trapped because it used up its read budget.
+    pub(super) fn over_read_budget(&self) -> bool {
+        self.over_read_budget
+    }
+
+    /// Charge `rows` reads returning `bytes` bytes against the read budget.
+    fn charge_reads(&mut self, rows: usize, bytes: usize) -> wasmtime::Result<()> {
+        let Some(left) = self.read_budget.as_mut() else {
+            return Ok(());
+        };
+        let cost = rows as u64 + (bytes as u64).div_ceil(1024);
+        match left.checked_sub(cost) {
+            Some(l) => {
+                *left = l;
+                Ok(())
+            }
+            None => {
+                self.over_read_budget = true;
+                Err(wasmtime::Error::msg("the call exceeded its host read budget"))
+            }
+        }
     }
 
     /// End a call: hand back the base overlay, this command's writes and events, and any
@@ -103,7 +140,10 @@ impl store::Host for HostState {
     fn get(&mut self, key: Vec<u8>) -> wasmtime::Result<Option<Vec<u8>>> {
         let full = self.full_key(&key);
         match read_through(&self.db, &[&self.base, &self.cmd], &full) {
-            Ok(v) => Ok(v),
+            Ok(v) => {
+                self.charge_reads(1, v.as_ref().map_or(0, Vec::len))?;
+                Ok(v)
+            }
             Err(e) => self.host_fault(e),
         }
     }
@@ -128,6 +168,8 @@ impl store::Host for HostState {
         let limit = limit.min(MAX_SCAN) as usize;
         match scan_through(&self.db, &[&self.base, &self.cmd], &s, &e, reverse, limit) {
             Ok(rows) => {
+                let bytes = rows.iter().map(|(k, v)| k.len() + v.len()).sum();
+                self.charge_reads(rows.len().max(1), bytes)?;
                 let n = self.prefix.len();
                 Ok(rows.into_iter().map(|(mut k, v)| (k.split_off(n), v)).collect())
             }
@@ -247,5 +289,29 @@ mod tests {
         assert!(h.is_live(1).unwrap());
         assert!(h.attach(1, b"x".to_vec()).is_err());
         assert!(h.detach(1, b"x".to_vec()).is_err());
+    }
+
+    #[test]
+    fn a_read_budget_counts_gets_rows_and_kibibytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(StateDb::open(dir.path()).unwrap());
+        let mut h = HostState::new(&record("kv"), db);
+        h.begin(Overlay::default(), true);
+        use store::Host;
+        for i in 0..10u8 {
+            h.set(vec![b'k', i], vec![0; 2048]).unwrap();
+        }
+        // Unlimited by default.
+        assert_eq!(h.scan(Vec::new(), Vec::new(), false, 100).unwrap().len(), 10);
+        h.limit_reads(3 + 12);
+        assert_eq!(h.get(b"k\x00".to_vec()).unwrap().map(|v| v.len()), Some(2048)); // 1 + 2 KiB
+        assert_eq!(h.scan(b"k\x01".to_vec(), b"k\x04".to_vec(), false, 100).unwrap().len(), 3); // 3 + 7
+        assert!(!h.over_read_budget());
+        assert!(h.get(b"k\x05".to_vec()).is_err(), "3 + 7 + 3 > 15");
+        assert!(h.over_read_budget());
+        // A new call starts unlimited again.
+        h.begin(Overlay::default(), false);
+        assert!(!h.over_read_budget());
+        assert!(h.get(b"absent".to_vec()).unwrap().is_none());
     }
 }
