@@ -300,7 +300,16 @@ impl Node {
                 },
             };
             match reply {
-                ForwardReply::Applied { response, index } => return Ok((response, index)),
+                ForwardReply::Applied { response, index } => {
+                    if leader != Some(self.id) {
+                        // The leader applied it; this member answers once it has too, as
+                        // etcd's members do: a client then reads its own write here, even
+                        // with a serializable read.
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        let _ = self.raft.wait(Some(left)).applied_index_at_least(Some(index), "a forwarded command").await;
+                    }
+                    return Ok((response, index));
+                }
                 ForwardReply::Failed(e) => return Err(e),
                 ForwardReply::NotLeader => {
                     if Instant::now() >= deadline {
