@@ -15,9 +15,11 @@ use tokio::sync::watch;
 use crate::api::admin::AdminService;
 use crate::api::etcd_kv::{KvService, KV_MACHINE};
 use crate::api::etcd_lease::LeaseService;
+use crate::api::etcd_watch::WatchService;
 use crate::api::maintenance::MaintenanceService;
 use crate::proto::etcdserverpb::kv_server::KvServer;
 use crate::proto::etcdserverpb::lease_server::LeaseServer;
+use crate::proto::etcdserverpb::watch_server::WatchServer;
 use crate::proto::etcdserverpb::maintenance_server::MaintenanceServer;
 use crate::config::{bind_addr, first_url, ServeConfig};
 use crate::node::{Node, PeerService};
@@ -146,12 +148,14 @@ impl Server {
             stopped: stopped.clone(),
         });
         let maint_node = node.clone();
+        let (watch_node, watch_stopped) = (node.clone(), stopped.clone());
         let mut s = stopped.clone();
         tasks.push(tokio::spawn(async move {
             let r = tonic::transport::Server::builder()
                 .add_service(admin)
                 .add_service(kv)
                 .add_service(lease)
+                .add_service(WatchServer::new(WatchService { node: watch_node, stopped: watch_stopped }))
                 .add_service(MaintenanceServer::new(MaintenanceService { node: maint_node }))
                 .serve_with_incoming_shutdown(incoming(client_listener), async move {
                     let _ = s.wait_for(|v| *v).await;

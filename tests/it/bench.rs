@@ -303,17 +303,16 @@ fn concurrent_puts_through_every_member_apply_exactly_once_everywhere() {
 }
 
 #[test]
-fn raftvm_lease_keepalive_works_and_watch_is_not_served_yet() {
+fn raftvm_lease_keepalive_and_watch_work() {
     let c = start_kv_cluster(1);
     let ep = c.endpoint(0);
     let v = bench_json(&ep, "lease-keepalive", SMALL);
     assert_all_ok(&v, 200);
     let leases = etcdctl(&ep, &["lease", "list"], "");
     assert!(leases.ok().starts_with("found 0 leases"), "the bench left leases behind: {leases:?}");
-    // raftvm has no Watch service yet: the workload fails while creating its watches with
-    // gRPC's Unimplemented, and exits non-zero without a report. This flips once the
-    // service lands: then assert what etcd_watch_counts_every_delivery asserts.
-    let out = bench(&ep, "watch", SMALL);
-    assert!(out.err().contains("Unimplemented"), "{out:?}");
-    assert!(out.stdout.is_empty(), "{out:?}");
+    // What etcd_watch_counts_every_delivery asserts of etcd.
+    let v = bench_json(&ep, "watch", &["--total", "200", "--clients", "2", "--watchers", "4", "--conns", "2"]);
+    assert_eq!((num(&v, "total"), num(&v, "ok"), num(&v, "errors")), (200, 800, 0), "{v}");
+    assert_eq!((num(&v, "watchers"), num(&v, "puts_ok"), num(&v, "deliveries_expected")), (4, 200, 800), "{v}");
+    assert_sane_numbers(&v);
 }

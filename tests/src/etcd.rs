@@ -1,6 +1,7 @@
 //! Helpers for the etcd-compatibility tests (`it/etcd_diff.rs`, `it/etcd_clients.rs`,
-//! `python/`): a real etcd 3.4 process to compare against, `etcdctl` invocations, and
-//! raftvm clusters whose built-in `kv` machine is ready.
+//! `it/etcd_watch.rs`, `python/`): a real etcd 3.4 process to compare against, `etcdctl`
+//! invocations (also long-running ones: [`EtcdctlProcess`]), and raftvm clusters whose
+//! built-in `kv` machine is ready.
 //!
 //! Binaries: `$ETCD_BIN` / `$ETCDCTL_BIN`, else `etcd` / `etcdctl` on `PATH`
 //! (Debian's `etcd-server` / `etcd-client` packages, see `scripts/prereqs.sh test`).
@@ -9,10 +10,11 @@
 //! `PR_SET_PDEATHSIG`), and prints its log tail and keeps its log on panic.
 
 use std::fs::{self, File};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
-use std::time::Duration;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{mpsc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::{free_ports, poll_until, private_loopback, Cluster, CmdOutput, STARTUP_TIMEOUT};
 
@@ -189,4 +191,239 @@ pub fn start_kv_cluster(n: usize) -> Cluster {
 /// Comma-separated client endpoints (`HOST:P,...`) of every node of `c`.
 pub fn all_endpoints(c: &Cluster) -> String {
     (0..c.len()).map(|i| c.endpoint(i)).collect::<Vec<_>>().join(",")
+}
+
+/// One chunk of a [`EtcdctlProcess`]'s output, as its reader threads pass it on.
+enum OutputLine {
+    Stdout(String),
+    Stderr(String),
+    /// The stream's end (`true`: stdout).
+    Eof(bool),
+}
+
+/// A long-running `etcdctl --endpoints ENDPOINTS ARGS...` (API v3), e.g. `watch`: stdin
+/// stays open (piped) until [`EtcdctlProcess::close_stdin`], stdout and stderr are read
+/// line by line by two threads, so a test can wait (with a deadline) until the output
+/// says what it expects. Killed and reaped on drop (and dies with the spawning thread
+/// via `PR_SET_PDEATHSIG`).
+pub struct EtcdctlProcess {
+    pub cmdline: String,
+    child: Option<Child>,
+    stdin: Option<ChildStdin>,
+    rx: mpsc::Receiver<OutputLine>,
+    stdout: Vec<String>,
+    stderr: Vec<String>,
+    /// Ends of stdout / stderr seen.
+    eof: (bool, bool),
+    start: Instant,
+}
+
+impl EtcdctlProcess {
+    /// Spawns `etcdctl --endpoints ENDPOINTS ARGS...`.
+    pub fn spawn(endpoints: &str, args: &[&str]) -> EtcdctlProcess {
+        let mut all: Vec<&str> = vec!["--endpoints", endpoints];
+        all.extend_from_slice(args);
+        let cmdline = std::iter::once("etcdctl").chain(all.iter().copied()).collect::<Vec<_>>().join(" ");
+        let mut cmd = Command::new(etcdctl_bin());
+        cmd.args(&all)
+            .env("ETCDCTL_API", "3")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SAFETY: prctl is async-signal-safe; the closure touches no shared state.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmdline}: {e}"));
+        let (tx, rx) = mpsc::channel();
+        let out = child.stdout.take().expect("piped stdout");
+        let err = child.stderr.take().expect("piped stderr");
+        let tx2 = tx.clone();
+        std::thread::spawn(move || read_lines(out, true, tx));
+        std::thread::spawn(move || read_lines(err, false, tx2));
+        let stdin = child.stdin.take();
+        EtcdctlProcess {
+            cmdline,
+            child: Some(child),
+            stdin,
+            rx,
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            eof: (false, false),
+            start: Instant::now(),
+        }
+    }
+
+    /// Writes `line` and a newline to its stdin.
+    pub fn send_line(&mut self, line: &str) {
+        let w = self.stdin.as_mut().unwrap_or_else(|| panic!("{}: stdin already closed", self.cmdline));
+        // A process that has exited makes this fail (EPIPE): what it printed says why.
+        if let Err(e) = w.write_all(format!("{line}\n").as_bytes()).and_then(|_| w.flush()) {
+            eprintln!("[harness] writing {line:?} to {}: {e}", self.cmdline);
+        }
+    }
+
+    /// Closes its stdin (EOF).
+    pub fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+
+    /// The stdout lines read so far.
+    pub fn stdout_lines(&self) -> &[String] {
+        &self.stdout
+    }
+
+    /// The stderr lines read so far.
+    pub fn stderr_lines(&self) -> &[String] {
+        &self.stderr
+    }
+
+    /// Whether both of its output streams have ended (it exited, or closed them).
+    pub fn output_ended(&self) -> bool {
+        self.eof.0 && self.eof.1
+    }
+
+    /// Takes one line (or end) from the readers, waiting until `deadline`; false if none came.
+    fn pump(&mut self, deadline: Instant) -> bool {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        match self.rx.recv_timeout(wait) {
+            Ok(OutputLine::Stdout(l)) => self.stdout.push(l),
+            Ok(OutputLine::Stderr(l)) => self.stderr.push(l),
+            Ok(OutputLine::Eof(true)) => self.eof.0 = true,
+            Ok(OutputLine::Eof(false)) => self.eof.1 = true,
+            Err(_) => return false,
+        }
+        true
+    }
+
+    /// Reads output until `done(stdout lines so far)` holds (`Ok`), or until `timeout`
+    /// passes or the output ends without it (`Err` describing everything printed).
+    pub fn wait_stdout(&mut self, timeout: Duration, done: impl Fn(&[String]) -> bool) -> Result<(), String> {
+        self.wait_output(timeout, |out, _| done(out))
+    }
+
+    /// Like [`EtcdctlProcess::wait_stdout`], with `done(stdout lines, stderr lines)`.
+    pub fn wait_output(&mut self, timeout: Duration, done: impl Fn(&[String], &[String]) -> bool) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if done(&self.stdout, &self.stderr) {
+                return Ok(());
+            }
+            if self.output_ended() {
+                return Err(format!("its output ended: {self:?}"));
+            }
+            if !self.pump(deadline) {
+                return Err(format!("timed out after {timeout:?}: {self:?}"));
+            }
+        }
+    }
+
+    /// Waits (up to `timeout`) for it to exit by itself, then returns all it printed and
+    /// its exit code; killed after `timeout` (code `None`, a harness note on stderr).
+    pub fn wait_exit(mut self, timeout: Duration) -> CmdOutput {
+        let deadline = Instant::now() + timeout;
+        let mut timed_out = false;
+        while !self.output_ended() {
+            if !self.pump(deadline) {
+                timed_out = true;
+                break;
+            }
+        }
+        let mut c = self.child.take().expect("child");
+        let status = loop {
+            match c.try_wait().expect("try_wait etcdctl") {
+                Some(st) => break Some(st),
+                None if timed_out || Instant::now() >= deadline => {
+                    timed_out = true;
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    break None;
+                }
+                None => std::thread::sleep(Duration::from_millis(5)),
+            }
+        };
+        self.drain(Duration::from_secs(2));
+        let mut out = self.output(status.and_then(|s| s.code()));
+        if timed_out {
+            out.stderr.push_str(&format!("\n[harness: killed after {timeout:?}]"));
+        }
+        out
+    }
+
+    /// Kills it (SIGKILL) and returns everything it printed (exit code `None`).
+    pub fn finish(mut self) -> CmdOutput {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.drain(Duration::from_secs(2));
+        self.output(None)
+    }
+
+    /// Reads what is left after the process is gone (bounded: a grandchild could hold
+    /// the pipes open).
+    fn drain(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.output_ended() && self.pump(deadline) {}
+    }
+
+    fn output(&self, code: Option<i32>) -> CmdOutput {
+        let join = |v: &[String]| v.iter().map(|l| format!("{l}\n")).collect::<String>();
+        CmdOutput {
+            cmdline: self.cmdline.clone(),
+            code,
+            stdout: join(&self.stdout),
+            stderr: join(&self.stderr),
+            elapsed: self.start.elapsed(),
+        }
+    }
+}
+
+impl std::fmt::Debug for EtcdctlProcess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "`{}` after {:?}{}\n  stdout: {:?}\n  stderr: {:?}",
+            self.cmdline,
+            self.start.elapsed(),
+            if self.output_ended() { " (output ended)" } else { "" },
+            self.stdout,
+            self.stderr
+        )
+    }
+}
+
+impl Drop for EtcdctlProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn read_lines(r: impl std::io::Read, stdout: bool, tx: mpsc::Sender<OutputLine>) {
+    let mut r = BufReader::new(r);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match r.read_until(b'\n', &mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {
+                if buf.last() == Some(&b'\n') {
+                    buf.pop();
+                }
+                let l = String::from_utf8_lossy(&buf).into_owned();
+                let msg = if stdout { OutputLine::Stdout(l) } else { OutputLine::Stderr(l) };
+                if tx.send(msg).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    let _ = tx.send(OutputLine::Eof(stdout));
 }

@@ -12,6 +12,7 @@
 //! | 5   | `CompactionRequest`  | `CompactionResponse` | yes   | no    |
 //! | 6   | `HashKVRequest`      | `HashKVResponse`     | no    | yes   |
 //! | 7   | `StatusRequest`      | `StatusResponse` (only header.revision) | no | yes |
+//! | 8   | `WatchCreateRequest` | `WatchResponse` (watch history: header.revision, events or compact_revision) | no | yes |
 
 use prost::Message;
 
@@ -20,7 +21,7 @@ use crate::host::{Events, Leases, Store};
 use crate::mvcc;
 use crate::pb::etcdserverpb::{
     CompactionRequest, DeleteRangeRequest, HashKvRequest, PutRequest, RangeRequest, StatusRequest,
-    TxnRequest,
+    TxnRequest, WatchCreateRequest,
 };
 
 pub const TAG_RANGE: u8 = 1;
@@ -30,6 +31,7 @@ pub const TAG_TXN: u8 = 4;
 pub const TAG_COMPACTION: u8 = 5;
 pub const TAG_HASH_KV: u8 = 6;
 pub const TAG_STATUS: u8 = 7;
+pub const TAG_WATCH_HISTORY: u8 = 8;
 
 /// `tag` followed by `msg`'s protobuf encoding.
 pub fn encode(tag: u8, msg: &impl Message) -> Vec<u8> {
@@ -92,7 +94,7 @@ where
     })
 }
 
-/// `query`: tags 1, 4 (a txn that only reads), 6 and 7; the store is
+/// `query`: tags 1, 4 (a txn that only reads), 6, 7 and 8; the store is
 /// read-only.
 pub fn query<S: Store + ?Sized>(s: &S, request: &[u8]) -> Result<Vec<u8>> {
     let (tag, body) = split(request)?;
@@ -107,6 +109,10 @@ pub fn query<S: Store + ?Sized>(s: &S, request: &[u8]) -> Result<Vec<u8>> {
         TAG_STATUS => {
             decode::<StatusRequest>("StatusRequest", body)?;
             mvcc::status_request(s)?.encode_to_vec()
+        }
+        TAG_WATCH_HISTORY => {
+            let w = decode::<WatchCreateRequest>("WatchCreateRequest", body)?;
+            mvcc::watch_history(s, &w)?.encode_to_vec()
         }
         other => {
             return Err(Error::BadCommand(format!(

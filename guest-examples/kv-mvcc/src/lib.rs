@@ -3,7 +3,7 @@
 //!
 //! * [`command`]: the host <-> guest encoding (tag byte + etcd protobuf).
 //! * [`mvcc`]: etcd's semantics: revisions, Range/Put/DeleteRange/Txn,
-//!   compaction, HashKV, lease revocation, watch events.
+//!   compaction, HashKV, lease revocation, watch events and history.
 //! * [`layout`]: how records sit in the machine's store:
 //!
 //! ```text
@@ -17,7 +17,7 @@
 //! ```
 //!
 //!   Latest reads scan `k/` only (plus one `get` per returned value); reads at
-//!   past revisions use `h/`; compaction, hashing and watch replay use `r/`
+//!   past revisions use `h/`; compaction, hashing and watch history use `r/`
 //!   and `h/`.
 //! * [`host`]: the `Store`/`Leases`/`Events` traits the engine runs on, and
 //!   in-memory implementations for tests.

@@ -22,12 +22,22 @@ use crate::pb::etcdserverpb::{
     response_op::Response,
     CompactionRequest, CompactionResponse, Compare, DeleteRangeRequest, DeleteRangeResponse,
     HashKvRequest, HashKvResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, RequestOp,
-    ResponseHeader, ResponseOp, StatusResponse, TxnRequest, TxnResponse,
+    ResponseHeader, ResponseOp, StatusResponse, TxnRequest, TxnResponse, WatchCreateRequest,
+    WatchResponse,
 };
 use crate::pb::mvccpb::{event::EventType, Event, KeyValue};
 
 /// Entries fetched per `scan` call when paging.
 const PAGE: u32 = 256;
+
+/// Events after which a watch-history answer ends (with the rest of the
+/// revision that reached it): bounds the work of one query.
+pub const WATCH_HISTORY_EVENTS: usize = 1000;
+
+/// Revision-index rows after which a watch-history answer ends the same way:
+/// a narrow watch far behind a busy store would otherwise scan every change
+/// since its start in one query.
+pub const WATCH_HISTORY_ROWS: usize = 10_000;
 
 /// Value of an `h/` record for a delete. A put's record is an encoded
 /// `KeyValue` without its key (the store key has it); its create_revision is
@@ -108,6 +118,17 @@ fn end_of(range_end: &[u8]) -> End<'_> {
     }
 }
 
+impl End<'_> {
+    /// Whether `k` is in the range that starts at `key` and ends here.
+    fn covers(self, key: &[u8], k: &[u8]) -> bool {
+        match self {
+            End::Single => k == key,
+            End::Unbounded => k >= key,
+            End::Until(e) => key <= k && k < e,
+        }
+    }
+}
+
 struct RangeOpts {
     /// <= 0: latest.
     rev: i64,
@@ -128,6 +149,13 @@ fn corrupt_kv(what: &[u8]) -> Error {
     Error::Corrupt(format!(
         "undecodable record {:?}",
         String::from_utf8_lossy(what)
+    ))
+}
+
+fn missing_hist(key: &[u8]) -> Error {
+    Error::Corrupt(format!(
+        "missing history record for {:?}",
+        String::from_utf8_lossy(key)
     ))
 }
 
@@ -169,12 +197,7 @@ fn load_kv<S: Store + ?Sized>(
         });
     }
     let hk = layout::hist_key(key, ie.modified);
-    let v = s.get(&hk).ok_or_else(|| {
-        Error::Corrupt(format!(
-            "missing history record for {:?}",
-            String::from_utf8_lossy(key)
-        ))
-    })?;
+    let v = s.get(&hk).ok_or_else(|| missing_hist(key))?;
     decode_hist(key, &v)?.ok_or_else(|| corrupt_kv(key))
 }
 
@@ -185,6 +208,29 @@ fn kv_at<S: Store + ?Sized>(s: &S, key: &[u8], rev: i64) -> Result<Option<KeyVal
     match s.scan(&lo, &hi, true, 1).into_iter().next() {
         None => Ok(None),
         Some((_, v)) => decode_hist(key, &v),
+    }
+}
+
+/// The watch event of a put: the new key-value, key included.
+fn put_event(kv: KeyValue) -> Event {
+    Event {
+        r#type: EventType::Put as i32,
+        kv: Some(kv),
+        prev_kv: None,
+    }
+}
+
+/// The watch event of a delete: only the key and the delete's revision, as
+/// etcd's watchers see it.
+fn delete_event(key: Vec<u8>, rev: i64) -> Event {
+    Event {
+        r#type: EventType::Delete as i32,
+        kv: Some(KeyValue {
+            key,
+            mod_revision: rev,
+            ..Default::default()
+        }),
+        prev_kv: None,
     }
 }
 
@@ -505,14 +551,7 @@ impl<'a, S: Store + ?Sized, L: Leases + ?Sized, E: Events + ?Sized> Writer<'a, S
         if lease != 0 && lease != old {
             self.leases.attach(lease, key);
         }
-        self.emit(
-            key,
-            Event {
-                r#type: EventType::Put as i32,
-                kv: Some(kv),
-                prev_kv: None,
-            },
-        );
+        self.emit(key, put_event(kv));
         self.changes += 1;
         Ok(rev.main)
     }
@@ -527,19 +566,7 @@ impl<'a, S: Store + ?Sized, L: Leases + ?Sized, E: Events + ?Sized> Writer<'a, S
         if detach && prev.lease != 0 {
             self.leases.detach(prev.lease, &key);
         }
-        let kv = KeyValue {
-            key: key.clone(),
-            mod_revision: rev.main,
-            ..Default::default()
-        };
-        self.emit(
-            &key,
-            Event {
-                r#type: EventType::Delete as i32,
-                kv: Some(kv),
-                prev_kv: None,
-            },
-        );
+        self.emit(&key, delete_event(key.clone(), rev.main));
         self.changes += 1;
     }
 
@@ -1139,6 +1166,93 @@ pub fn hash_kv_request<S: Store + ?Sized>(s: &S, r: &HashKvRequest) -> Result<Ha
         hash: h.finish(),
         compact_revision: compacted,
     })
+}
+
+/// Watch history: the events of revisions `r.start_revision` (<= 0: the
+/// current one + 1) and on for the keys of `r.key`/`r.range_end`, each as its
+/// write emitted it, plus `prev_kv` if `r.prev_kv` (the key at the revision
+/// before the event's, where etcd's watch server reads it). For a watch that
+/// starts in the past or fell behind; live events come from `events.emit`.
+///
+/// `header.revision` is the last revision the answer covers: the current one,
+/// or the revision in which the events reached [`WATCH_HISTORY_EVENTS`] or the
+/// rows scanned reached [`WATCH_HISTORY_ROWS`] (a revision is never split; the
+/// host asks again from the next one). A start below the compacted revision
+/// answers only `compact_revision`.
+pub fn watch_history<S: Store + ?Sized>(s: &S, r: &WatchCreateRequest) -> Result<WatchResponse> {
+    let cur = current_rev(s)?;
+    let start = if r.start_revision <= 0 {
+        cur + 1
+    } else {
+        r.start_revision
+    };
+    let answer = |events, covered| WatchResponse {
+        header: header(covered),
+        events,
+        ..Default::default()
+    };
+    if start > cur {
+        return Ok(answer(Vec::new(), cur));
+    }
+    let compacted = compacted_rev(s)?;
+    // As etcd: a watch from the compacted revision C itself is served with
+    // what compaction kept of C (its puts that are still their key's newest
+    // version; C's deletes are gone, and so are the versions before C that
+    // prev_kv would show).
+    if start < compacted {
+        return Ok(WatchResponse {
+            header: header(cur),
+            compact_revision: compacted,
+            ..Default::default()
+        });
+    }
+    // etcd's watch reads an empty key as "\0" (the host normalises it too).
+    let key: &[u8] = if r.key.is_empty() { &[0] } else { &r.key };
+    let end = end_of(&r.range_end);
+    let mut events = Vec::new();
+    // The revision in which `events` or `scanned` reached its cap.
+    let mut full_at = None;
+    let mut scanned = 0;
+    let mut from = layout::rev_key(Rev::new(start, 0));
+    let to = layout::rev_key(Rev::new(cur + 1, 0));
+    loop {
+        let page = s.scan(&from, &to, false, PAGE);
+        let Some((last, _)) = page.last() else {
+            return Ok(answer(events, cur));
+        };
+        let mut next = last.clone();
+        next.push(0);
+        for (rk, k) in page {
+            let rev = layout::parse_rev_key(&rk).ok_or_else(|| corrupt_kv(&rk))?;
+            if let Some(full) = full_at {
+                if rev.main > full {
+                    return Ok(answer(events, full));
+                }
+            }
+            scanned += 1;
+            if scanned == WATCH_HISTORY_ROWS {
+                full_at = full_at.or(Some(rev.main));
+            }
+            if !end.covers(key, &k) {
+                continue;
+            }
+            let v = s
+                .get(&layout::hist_key(&k, rev))
+                .ok_or_else(|| missing_hist(&k))?;
+            let mut ev = match decode_hist(&k, &v)? {
+                Some(kv) => put_event(kv),
+                None => delete_event(k.clone(), rev.main),
+            };
+            if r.prev_kv {
+                ev.prev_kv = kv_at(s, &k, rev.main - 1)?;
+            }
+            events.push(ev);
+            if events.len() == WATCH_HISTORY_EVENTS {
+                full_at = full_at.or(Some(rev.main));
+            }
+        }
+        from = next;
+    }
 }
 
 pub fn status_request<S: Store + ?Sized>(s: &S) -> Result<StatusResponse> {

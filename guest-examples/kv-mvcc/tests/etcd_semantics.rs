@@ -1577,7 +1577,7 @@ fn query_accepts_only_reads() {
         command::TAG_DELETE_RANGE,
         command::TAG_COMPACTION,
         0,
-        8,
+        9,
         255,
     ] {
         assert!(
@@ -1585,7 +1585,14 @@ fn query_accepts_only_reads() {
             "tag {tag}"
         );
     }
-    for tag in [command::TAG_HASH_KV, command::TAG_STATUS, 0, 8, 255] {
+    for tag in [
+        command::TAG_HASH_KV,
+        command::TAG_STATUS,
+        command::TAG_WATCH_HISTORY,
+        0,
+        9,
+        255,
+    ] {
         assert!(
             n.apply(&[tag]).unwrap_err().starts_with("raftvm: "),
             "tag {tag}"

@@ -2,7 +2,8 @@
 //! Compact / lease revocation / HashKV against a deliberately naive model of
 //! etcd v3.4's MVCC store, which keeps a full copy of the key space for every
 //! revision. Every response field, every error, every watch event, the lease
-//! attachments and, at the end, a read of every revision must agree.
+//! attachments and, at the end, a read of every revision and the watch
+//! history from every revision must agree.
 
 mod common;
 
@@ -528,6 +529,66 @@ impl Model {
         }
     }
 
+    /// Watch history: the events from the start revision on, with prev_kv
+    /// the key at the revision before; nothing from history below the
+    /// compacted revision. At the compacted revision itself only what
+    /// compaction keeps, as etcd: a key's last event there if it is a put,
+    /// without prev_kv. (Never more events than the cap here.)
+    fn watch(&self, r: &WatchCreateRequest) -> WatchResponse {
+        let start = if r.start_revision <= 0 {
+            self.cur() + 1
+        } else {
+            r.start_revision
+        };
+        if start < self.compacted {
+            return WatchResponse {
+                header: header(self.cur()),
+                compact_revision: self.compacted,
+                ..Default::default()
+            };
+        }
+        let key = if r.key.is_empty() {
+            vec![0]
+        } else {
+            r.key.clone()
+        };
+        let rev_of = |e: &Event| e.kv.as_ref().unwrap().mod_revision;
+        let kept_at_compaction = |i: usize| {
+            let (k, e) = &self.events[i];
+            let later_same = self.events[i + 1..]
+                .iter()
+                .any(|(k2, e2)| k2 == k && rev_of(e2) == rev_of(e));
+            e.r#type == EventType::Put as i32 && !later_same
+        };
+        let events = self
+            .events
+            .iter()
+            .enumerate()
+            .filter(|(i, (k, e))| {
+                let rev = rev_of(e);
+                rev >= start
+                    && in_range(k, &key, &r.range_end)
+                    && (rev != self.compacted || kept_at_compaction(*i))
+            })
+            .map(|(_, (k, e))| {
+                let rev = rev_of(e);
+                Event {
+                    prev_kv: r
+                        .prev_kv
+                        .then(|| self.states[rev as usize - 1].get(k).cloned())
+                        .flatten()
+                        .filter(|_| rev > self.compacted),
+                    ..e.clone()
+                }
+            })
+            .collect();
+        WatchResponse {
+            header: header(self.cur()),
+            events,
+            ..Default::default()
+        }
+    }
+
     fn attachments(&self) -> BTreeMap<i64, BTreeSet<Vec<u8>>> {
         let mut out: BTreeMap<i64, BTreeSet<Vec<u8>>> = BTreeMap::new();
         for kv in self.latest().values().filter(|kv| kv.lease != 0) {
@@ -823,6 +884,32 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
             "full read at revision {}",
             rev
         );
+    }
+    // Watch history from every start revision, over a few ranges.
+    for start in -1..=model.cur() + 1 {
+        for (key, range_end) in [
+            (&b"a"[..], &b""[..]),
+            (b"b\0", b""),
+            (b"a", b"b"),
+            (b"b", b"\0"),
+            (b"", b"\0"),
+        ] {
+            for prev_kv in [false, true] {
+                let w = WatchCreateRequest {
+                    key: key.to_vec(),
+                    range_end: range_end.to_vec(),
+                    start_revision: start,
+                    prev_kv,
+                    ..Default::default()
+                };
+                prop_assert_eq!(
+                    query(&node, command::TAG_WATCH_HISTORY, &w),
+                    Ok(model.watch(&w)),
+                    "watch history {:?}",
+                    w
+                );
+            }
+        }
     }
     // Hashes are a function of the history: a node replaying the same
     // successful commands from scratch agrees.

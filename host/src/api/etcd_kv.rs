@@ -23,7 +23,7 @@ use crate::types::{Request as LogRequest, Response as LogResponse};
 pub const KV_MACHINE: &str = "kv";
 
 // The kv machine's command tags (guest-examples/kv-mvcc/src/command.rs).
-const TAG_RANGE: u8 = 1;
+pub const TAG_RANGE: u8 = 1;
 const TAG_PUT: u8 = 2;
 const TAG_DELETE: u8 = 3;
 const TAG_TXN: u8 = 4;

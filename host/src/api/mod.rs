@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod etcd_kv;
 pub mod etcd_lease;
+pub mod etcd_watch;
 pub mod maintenance;
 pub mod quota;
 
