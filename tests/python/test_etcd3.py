@@ -12,6 +12,7 @@ with protobuf >= 4, hence the environment variable (set below too, before the im
 
 import ctypes
 import json
+import queue
 import secrets
 import os
 import shutil
@@ -341,3 +342,61 @@ def test_leases(clients):
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
         assert e.value.details() == "etcdserver: requested lease not found"
     fixed.revoke()
+
+
+def _collector():
+    """A watch callback that queues what it gets, and a way to take `n` events from it."""
+    q = queue.Queue()
+
+    def take(n, timeout=15):
+        got = []
+        deadline = time.monotonic() + timeout
+        while len(got) < n:
+            left = deadline - time.monotonic()
+            assert left > 0, f"timed out with {len(got)} of {n} events: {got}"
+            r = q.get(timeout=left)
+            if isinstance(r, Exception):
+                got.append(r)
+                return got
+            got.extend(r.events)
+        return got
+
+    return q.put, take
+
+
+def test_watch(clients):
+    a, b, c = clients
+    first = a.put("/py/w/a", "1").header.revision
+    b.put("/py/w/b", "2")
+    b.delete("/py/w/a")
+    # On a follower: history from a past revision with prev_kv, then live events.
+    put, take = _collector()
+    wid = c.add_watch_prefix_callback("/py/w/", put, start_revision=first, prev_kv=True)
+    a.put("/py/w/b", "3")
+    evs = take(4)
+    assert [(type(e).__name__, e.key, e.mod_revision) for e in evs] == [
+        ("PutEvent", b"/py/w/a", first),
+        ("PutEvent", b"/py/w/b", first + 1),
+        ("DeleteEvent", b"/py/w/a", first + 2),
+        ("PutEvent", b"/py/w/b", first + 3),
+    ]
+    assert [e.value for e in evs if isinstance(e, etcd3.events.PutEvent)] == [b"1", b"2", b"3"]
+    assert (evs[2].prev_value, evs[3].prev_value) == (b"1", b"2")
+    c.cancel_watch(wid)
+
+    # Single key, from now, through another member; a compacted start is an error.
+    # A linearizable read first: b has then applied every write acknowledged so far,
+    # so "now" on b is after them (add_watch_callback returns once the watch is created).
+    b.get("/py/w/b")
+    put, take = _collector()
+    wid = b.add_watch_callback("/py/w/b", put)
+    a.delete("/py/w/b")
+    (ev,) = take(1)
+    assert isinstance(ev, etcd3.events.DeleteEvent) and ev.key == b"/py/w/b"
+    b.cancel_watch(wid)
+    rev = a.put("/py/w/c", "x").header.revision
+    a.compact(rev)
+    put, take = _collector()
+    c.add_watch_prefix_callback("/py/w/", put, start_revision=first)
+    (err,) = take(1)
+    assert isinstance(err, etcd3.exceptions.RevisionCompactedError) and err.compacted_revision == rev
