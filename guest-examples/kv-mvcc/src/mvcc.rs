@@ -39,6 +39,11 @@ pub const WATCH_HISTORY_EVENTS: usize = 1000;
 /// since its start in one query.
 pub const WATCH_HISTORY_ROWS: usize = 10_000;
 
+/// Encoded event bytes after which a watch-history answer ends the same way:
+/// 1,000 events of 1.5 MiB values would not fit the guest's memory, nor a
+/// client's default gRPC message limit (4 MiB in most clients).
+pub const WATCH_HISTORY_BYTES: usize = 3 * 1024 * 1024;
+
 /// Value of an `h/` record for a delete. A put's record is an encoded
 /// `KeyValue` without its key (the store key has it); its create_revision is
 /// never 0, so the encoding is never empty and starts with a field tag, never
@@ -1175,9 +1180,9 @@ pub fn hash_kv_request<S: Store + ?Sized>(s: &S, r: &HashKvRequest) -> Result<Ha
 /// starts in the past or fell behind; live events come from `events.emit`.
 ///
 /// `header.revision` is the last revision the answer covers: the current one,
-/// or the revision in which the events reached [`WATCH_HISTORY_EVENTS`] or the
-/// rows scanned reached [`WATCH_HISTORY_ROWS`] (a revision is never split; the
-/// host asks again from the next one). A start below the compacted revision
+/// or the revision in which the events reached [`WATCH_HISTORY_EVENTS`] or
+/// [`WATCH_HISTORY_BYTES`], or the rows scanned reached [`WATCH_HISTORY_ROWS`]
+/// (a revision is never split; the host asks again from the next one). A start below the compacted revision
 /// answers only `compact_revision`.
 pub fn watch_history<S: Store + ?Sized>(s: &S, r: &WatchCreateRequest) -> Result<WatchResponse> {
     let cur = current_rev(s)?;
@@ -1213,6 +1218,7 @@ pub fn watch_history<S: Store + ?Sized>(s: &S, r: &WatchCreateRequest) -> Result
     // The revision in which `events` or `scanned` reached its cap.
     let mut full_at = None;
     let mut scanned = 0;
+    let mut bytes = 0;
     let mut from = layout::rev_key(Rev::new(start, 0));
     let to = layout::rev_key(Rev::new(cur + 1, 0));
     loop {
@@ -1246,8 +1252,9 @@ pub fn watch_history<S: Store + ?Sized>(s: &S, r: &WatchCreateRequest) -> Result
             if r.prev_kv {
                 ev.prev_kv = kv_at(s, &k, rev.main - 1)?;
             }
+            bytes += ev.encoded_len();
             events.push(ev);
-            if events.len() == WATCH_HISTORY_EVENTS {
+            if events.len() >= WATCH_HISTORY_EVENTS || bytes >= WATCH_HISTORY_BYTES {
                 full_at = full_at.or(Some(rev.main));
             }
         }

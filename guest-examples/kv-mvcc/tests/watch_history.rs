@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use kv_mvcc::command;
 use kv_mvcc::host::MemNode;
-use kv_mvcc::mvcc::{WATCH_HISTORY_EVENTS, WATCH_HISTORY_ROWS};
+use kv_mvcc::mvcc::{WATCH_HISTORY_BYTES, WATCH_HISTORY_EVENTS, WATCH_HISTORY_ROWS};
 use kv_mvcc::pb::etcdserverpb::*;
 use kv_mvcc::pb::mvccpb::{event::EventType, Event, KeyValue};
 
@@ -578,4 +578,20 @@ fn a_narrow_watch_far_behind_pages_through_the_revision_index() {
     // The host's loop gets both.
     let all = history(&n, &watch_req("w", "", 1, false));
     assert_eq!(all.iter().map(mod_rev).collect::<Vec<_>>(), vec![2, 12_003]);
+}
+
+#[test]
+fn big_values_end_an_answer_early() {
+    assert_eq!(WATCH_HISTORY_BYTES, 3 * 1024 * 1024);
+    let mut n = MemNode::new();
+    let big = "x".repeat(1024 * 1024);
+    for _ in 0..5 {
+        put(&mut n, "big", &big); // 2..=6
+    }
+    // The event that reaches 3 MiB (the third) ends the answer.
+    let w = watch(&n, &watch_req("big", "", 1, false));
+    assert_eq!((w.events.len(), rev_of(&w.header)), (3, 4));
+    let rest = watch(&n, &watch_req("big", "", 5, false));
+    assert_eq!((rest.events.len(), rev_of(&rest.header)), (2, 6));
+    assert_eq!(history(&n, &watch_req("big", "", 1, false)).len(), 5);
 }
