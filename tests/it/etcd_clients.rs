@@ -16,7 +16,7 @@ use etcd_client::{
     Client, Compare, CompareOp, DeleteOptions, GetOptions, LeaseGrantOptions, LeaseTimeToLiveOptions, PutOptions, Txn,
     TxnOp, TxnOpResponse,
 };
-use raftvm_tests::etcd::{etcdctl, start_kv_cluster, EtcdServer};
+use raftvm_tests::etcd::{etcdctl, etcdctl_stderr_lines, normalize_etcdctl_line, start_kv_cluster, EtcdServer};
 use raftvm_tests::CmdOutput;
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -268,54 +268,11 @@ fn etcd_client_crate_leases() {
 // etcdctl
 // ---------------------------------------------------------------------------
 
-/// `-w json` ids differ between servers: replace non-zero cluster_id / member_id /
-/// raft_term (anywhere) by "<nonzero>".
-fn normalize_json(v: &mut serde_json::Value) {
-    match v {
-        serde_json::Value::Object(m) => {
-            for (k, x) in m.iter_mut() {
-                if matches!(k.as_str(), "cluster_id" | "member_id" | "raft_term") {
-                    if x.as_u64() != Some(0) {
-                        *x = serde_json::Value::String("<nonzero>".into());
-                    }
-                } else {
-                    normalize_json(x);
-                }
-            }
-        }
-        serde_json::Value::Array(a) => a.iter_mut().for_each(normalize_json),
-        _ => {}
-    }
-}
-
-/// What is compared of an etcdctl run: exit code, stdout (ids in JSON lines and in
-/// `-w fields` output normalized),
-/// stderr without the client library's JSON log lines (they carry timestamps).
+/// What is compared of an etcdctl run: exit code, stdout (ids normalized), stderr
+/// without the client library's log lines.
 fn comparable(out: &CmdOutput) -> (Option<i32>, String, String) {
-    let stdout = out
-        .stdout
-        .lines()
-        .map(|l| match serde_json::from_str::<serde_json::Value>(l) {
-            Ok(mut v) if v.is_object() => {
-                normalize_json(&mut v);
-                v.to_string()
-            }
-            // `-w fields`: `"ClusterID" : 123`
-            _ => match l.split_once(" : ") {
-                Some((k @ ("\"ClusterID\"" | "\"MemberID\"" | "\"RaftTerm\""), v)) if v.trim() != "0" => {
-                    format!("{k} : <nonzero>")
-                }
-                _ => l.to_string(),
-            },
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
-    let stderr = out
-        .stderr
-        .lines()
-        .filter(|l| !l.trim_start().starts_with("{\"level\""))
-        .collect::<Vec<_>>()
-        .join("\n");
+    let stdout = out.stdout.lines().map(normalize_etcdctl_line).collect::<Vec<_>>().join("\n");
+    let stderr = etcdctl_stderr_lines(&out.stderr).collect::<Vec<_>>().join("\n");
     (out.code, stdout, stderr)
 }
 

@@ -25,7 +25,7 @@ use etcd_client::{
     Client, Compare, CompareOp, DeleteOptions, EventType, LeaseGrantOptions, PutOptions, Txn, TxnOp, WatchFilterType,
     WatchOptions, WatchResponse, WatchStream,
 };
-use raftvm_tests::etcd::{etcdctl, start_kv_cluster, EtcdServer, EtcdctlProcess};
+use raftvm_tests::etcd::{etcdctl, etcdctl_stderr_lines, normalize_etcdctl_line, start_kv_cluster, EtcdServer, EtcdctlProcess};
 use raftvm_tests::{poll_until, CmdOutput};
 use serde_json::Value;
 
@@ -168,47 +168,11 @@ fn indent(s: Option<&(String, String)>) -> String {
     }
 }
 
-/// `-w json` ids differ between servers: replace non-zero cluster_id / member_id /
-/// raft_term (anywhere) by "<nonzero>".
-fn normalize_json(v: &mut Value) {
-    match v {
-        Value::Object(m) => {
-            for (k, x) in m.iter_mut() {
-                if matches!(k.as_str(), "cluster_id" | "member_id" | "raft_term") {
-                    if x.as_u64() != Some(0) {
-                        *x = Value::String("<nonzero>".into());
-                    }
-                } else {
-                    normalize_json(x);
-                }
-            }
-        }
-        Value::Array(a) => a.iter_mut().for_each(normalize_json),
-        _ => {}
-    }
-}
-
-/// Exit code, stdout from line `skip` on (ids in JSON lines and `-w fields` output
-/// normalised), stderr without the client library's JSON log lines (timestamps).
+/// Exit code, stdout from line `skip` on (ids normalised), stderr without the client
+/// library's log lines.
 fn comparable(out: &CmdOutput, skip: usize) -> (Option<i32>, Vec<String>, Vec<String>) {
-    let stdout = out
-        .stdout
-        .lines()
-        .skip(skip)
-        .map(|l| match serde_json::from_str::<Value>(l) {
-            Ok(mut v) if v.is_object() => {
-                normalize_json(&mut v);
-                v.to_string()
-            }
-            _ => match l.split_once(" : ") {
-                Some((k @ ("\"ClusterID\"" | "\"MemberID\"" | "\"RaftTerm\""), v)) if v.trim() != "0" => {
-                    format!("{k} : <nonzero>")
-                }
-                _ => l.to_string(),
-            },
-        })
-        .collect();
-    let stderr = out.stderr.lines().filter(|l| !l.trim_start().starts_with("{\"level\"")).map(str::to_string).collect();
+    let stdout = out.stdout.lines().skip(skip).map(normalize_etcdctl_line).collect();
+    let stderr = etcdctl_stderr_lines(&out.stderr).map(str::to_string).collect();
     (out.code, stdout, stderr)
 }
 

@@ -427,3 +427,46 @@ fn read_lines(r: impl std::io::Read, stdout: bool, tx: mpsc::Sender<OutputLine>)
     }
     let _ = tx.send(OutputLine::Eof(stdout));
 }
+
+/// A line of etcdctl's stdout with what legitimately differs between two clusters (cluster
+/// and member ids, raft term) replaced by `<nonzero>`: in JSON lines (`-w json`) and in
+/// `-w fields` lines (`"ClusterID" : 123`).
+pub fn normalize_etcdctl_line(l: &str) -> String {
+    match serde_json::from_str::<serde_json::Value>(l) {
+        Ok(mut v) if v.is_object() => {
+            normalize_ids(&mut v);
+            v.to_string()
+        }
+        _ => match l.split_once(" : ") {
+            Some((k @ ("\"ClusterID\"" | "\"MemberID\"" | "\"RaftTerm\""), v)) if v.trim() != "0" => {
+                format!("{k} : <nonzero>")
+            }
+            _ => l.to_string(),
+        },
+    }
+}
+
+/// `cluster_id`, `member_id` and `raft_term` anywhere in `v` → `<nonzero>` (unless 0).
+pub fn normalize_ids(v: &mut serde_json::Value) {
+    use serde_json::Value;
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m.iter_mut() {
+                if matches!(k.as_str(), "cluster_id" | "member_id" | "raft_term") {
+                    if x.as_u64() != Some(0) {
+                        *x = Value::String("<nonzero>".into());
+                    }
+                } else {
+                    normalize_ids(x);
+                }
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(normalize_ids),
+        _ => {}
+    }
+}
+
+/// etcdctl's stderr without the client library's JSON log lines (they carry timestamps).
+pub fn etcdctl_stderr_lines(stderr: &str) -> impl Iterator<Item = &str> {
+    stderr.lines().filter(|l| !l.trim_start().starts_with("{\"level\""))
+}

@@ -148,6 +148,12 @@ pub async fn kv_query<R: Message + Default>(node: &Node, tag: u8, msg: &impl Mes
     }
 }
 
+/// The `kv` machine's current revision on this node (0 before it is installed).
+pub async fn kv_revision(node: &Node) -> i64 {
+    let status = kv_query::<StatusResponse>(node, TAG_STATUS, &StatusRequest {}, false).await;
+    status.ok().and_then(|r| r.header).map_or(0, |h| h.revision)
+}
+
 impl KvService {
     /// etcd's two size limits. gRPC refuses any message over `--max-request-bytes` plus
     /// 512 KiB with grpc-go's own error; requests that go through raft are refused from

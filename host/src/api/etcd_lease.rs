@@ -11,7 +11,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::etcd_kv::{header, kv_query, TAG_STATUS};
+use super::etcd_kv::{header, kv_revision};
 use super::{etcd_status, kv_error_status, node_status};
 use crate::lessor::{fresh_id, ERR_LEASE_EXISTS, ERR_LEASE_TTL_TOO_LARGE, MAX_LEASE_TTL};
 use crate::node::Node;
@@ -35,9 +35,7 @@ pub struct LeaseService {
 
 /// A response header with the `kv` machine's current revision (0 if it has none yet).
 async fn header_now(node: &Node) -> ResponseHeader {
-    let status = kv_query::<StatusResponse>(node, TAG_STATUS, &StatusRequest {}, false).await;
-    let revision = status.ok().and_then(|r| r.header).map(|h| h.revision);
-    header(node, revision.unwrap_or(0))
+    header(node, kv_revision(node).await)
 }
 
 /// The header after a command applied at log `index` (on the leader): a follower that

@@ -23,7 +23,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::etcd_kv::{header, kv_query, KV_MACHINE, TAG_RANGE, TAG_STATUS};
+use super::etcd_kv::{header, kv_query, kv_revision, KV_MACHINE, TAG_RANGE};
 use crate::node::Node;
 use crate::proto::etcdserverpb::watch_request::RequestUnion;
 use crate::proto::etcdserverpb::watch_server::Watch;
@@ -63,12 +63,6 @@ impl Watch for WatchService {
     }
 }
 
-/// The kv machine's current revision (0 before it is installed).
-async fn current_revision(node: &Node) -> i64 {
-    let status = kv_query::<StatusResponse>(node, TAG_STATUS, &StatusRequest {}, false).await;
-    status.ok().and_then(|r| r.header).map_or(0, |h| h.revision)
-}
-
 /// One watch stream: creates and cancels watchers as the client asks. Watchers end with
 /// the stream (client gone, or server stopping).
 async fn serve_stream(node: Arc<Node>, mut inbound: Streaming<WatchRequest>, tx: Tx, mut stopped: watch::Receiver<bool>) {
@@ -88,7 +82,7 @@ async fn serve_stream(node: Arc<Node>, mut inbound: Streaming<WatchRequest>, tx:
             Some(RequestUnion::CreateRequest(c)) => {
                 // Subscribe before reading the revision: nothing committed after it is missed.
                 let live = node.shared.events.subscribe();
-                let rev = current_revision(&node).await;
+                let rev = kv_revision(&node).await;
                 let spec = Spec::new(&c);
                 let id = if spec.is_none() {
                     Err(ERR_EMPTY_RANGE)
@@ -127,7 +121,7 @@ async fn serve_stream(node: Arc<Node>, mut inbound: Streaming<WatchRequest>, tx:
                     h.abort();
                     let _ = h.await;
                     Some(WatchResponse {
-                        header: Some(header(&node, current_revision(&node).await)),
+                        header: Some(header(&node, kv_revision(&node).await)),
                         watch_id: c.watch_id,
                         canceled: true,
                         ..Default::default()
@@ -136,7 +130,7 @@ async fn serve_stream(node: Arc<Node>, mut inbound: Streaming<WatchRequest>, tx:
                 None => None, // etcd ignores unknown ids
             },
             Some(RequestUnion::ProgressRequest(_)) => Some(WatchResponse {
-                header: Some(header(&node, current_revision(&node).await)),
+                header: Some(header(&node, kv_revision(&node).await)),
                 watch_id: -1,
                 ..Default::default()
             }),
@@ -315,7 +309,7 @@ impl Watcher {
     /// Deliver every event after `covered` from the store, up to the current revision,
     /// in chunks (kv-mvcc ends an answer early after 1,000 events or 10,000 revisions).
     async fn catch_up(&mut self) -> Result<(), Stop> {
-        let target = current_revision(&self.node).await;
+        let target = kv_revision(&self.node).await;
         while self.covered < target {
             let req = self.spec.history(self.covered + 1);
             let resp = match kv_query::<WatchResponse>(&self.node, TAG_WATCH_HISTORY, &req, false).await {
