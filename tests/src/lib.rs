@@ -479,6 +479,15 @@ impl Node {
         Some(c.wait().expect("wait killed node"))
     }
 
+    /// Sends `sig` to the running process (SIGSTOP / SIGCONT freeze and thaw it).
+    pub fn signal(&self, sig: libc::c_int) {
+        let guard = self.child.lock().unwrap();
+        let c = guard.as_ref().unwrap_or_else(|| panic!("signal: node {} is not running", self.name));
+        // SAFETY: plain kill(2) on our own child's pid, which we have not reaped yet.
+        let r = unsafe { libc::kill(c.id() as libc::pid_t, sig) };
+        assert_eq!(r, 0, "kill({}, {sig}) failed", c.id());
+    }
+
     /// SIGTERM, wait up to `grace` for exit, then SIGKILL. Returns the exit status.
     pub fn stop(&self, grace: Duration) -> Option<ExitStatus> {
         let mut guard = self.child.lock().unwrap();
@@ -714,6 +723,17 @@ impl Cluster {
         for n in &self.nodes {
             n.stop(Duration::from_secs(10));
         }
+    }
+
+    /// Freezes node `i` (SIGSTOP): to the others it is partitioned away, its open
+    /// connections stay open. [`Cluster::resume`] thaws it.
+    pub fn pause(&self, i: usize) {
+        self.nodes[i].signal(libc::SIGSTOP);
+    }
+
+    /// Thaws node `i` after [`Cluster::pause`] (SIGCONT).
+    pub fn resume(&self, i: usize) {
+        self.nodes[i].signal(libc::SIGCONT);
     }
 
     /// Starts a stopped node again with the same command line.
