@@ -3,12 +3,13 @@
 //! Column families: `logs` (big-endian index → postcard entry) and `meta` (`vote`,
 //! `committed`, `purged`). Votes, truncations and purges are written with `sync = true`.
 //!
-//! Appends are group-committed: `append` writes the entries to RocksDB without syncing
-//! (so they are readable at once, as openraft requires) and hands the callback to a
-//! flusher thread, which fsyncs the WAL once for every append that arrived while the
-//! previous fsync ran, then tells openraft they are durable. An entry is acknowledged
-//! only after an fsync that covers it, so an acknowledged write survives power loss; and
-//! RaftCore never waits for the disk, so one fsync serves many concurrent proposals.
+//! Appends are written with `sync = true` right in `append`, on the calling task: openraft
+//! 0.9's core awaits every append's flush before it does anything else, so the append is
+//! on the critical path anyway, and a separate fsync thread only added two thread hops
+//! per append (measured: put at 16 clients on one node 7.9k → 9.5k ops/s without it; no
+//! change at 128 clients, where the batcher puts hundreds of commands in one append). An
+//! entry is acknowledged only after the fsync that covers it, so an acknowledged write
+//! survives power loss.
 
 use std::fmt::Debug;
 use std::ops::RangeBounds;
@@ -28,25 +29,6 @@ const CF_META: &str = "meta";
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
-    /// Callbacks of appends waiting for the flusher's next fsync.
-    flushes: std::sync::mpsc::Sender<LogFlushed<TypeConfig>>,
-}
-
-/// The flusher thread: one WAL fsync per group of appends. Ends when every `LogStore`
-/// clone (the senders) is gone.
-fn run_flusher(db: Arc<DB>, pending: std::sync::mpsc::Receiver<LogFlushed<TypeConfig>>) {
-    while let Ok(first) = pending.recv() {
-        let mut group = vec![first];
-        group.extend(pending.try_iter());
-        tracing::trace!(appends = group.len(), "fsyncing the raft log");
-        let r = db.flush_wal(true).map_err(|e| e.to_string());
-        if let Err(e) = &r {
-            tracing::error!("raft log fsync failed: {e}");
-        }
-        for cb in group {
-            cb.log_io_completed(r.clone().map_err(std::io::Error::other));
-        }
-    }
 }
 
 fn io_err(subject: ErrorSubject<NodeId>, verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError {
@@ -76,13 +58,7 @@ impl LogStore {
         let db = Arc::new(
             DB::open_cf_descriptors(&opts, path, cfs).with_context(|| format!("opening raft log {}", path.display()))?,
         );
-        let (flushes, pending) = std::sync::mpsc::channel();
-        let flusher_db = db.clone();
-        std::thread::Builder::new()
-            .name("raft-log-fsync".into())
-            .spawn(move || run_flusher(flusher_db, pending))
-            .context("starting the raft log flusher")?;
-        Ok(Self { db, flushes })
+        Ok(Self { db })
     }
 
     fn logs(&self) -> &rocksdb::ColumnFamily {
@@ -178,11 +154,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         for e in entries {
             wb.put_cf(self.logs(), idx(e.log_id.index), encode(&e));
         }
-        match self.db.write(wb) {
+        match self.db.write_opt(wb, &sync_opts()) {
             Ok(()) => {
-                if let Err(std::sync::mpsc::SendError(cb)) = self.flushes.send(callback) {
-                    cb.log_io_completed(Err(std::io::Error::other("the raft log flusher has stopped")));
-                }
+                callback.log_io_completed(Ok(()));
                 Ok(())
             }
             Err(e) => {
