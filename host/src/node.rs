@@ -472,10 +472,17 @@ impl RaftPeer for PeerService {
         &self,
         _req: tonic::Request<ReadIndexRequest>,
     ) -> Result<tonic::Response<ReadIndexResponse>, tonic::Status> {
-        match self.node.raft.get_read_log_id().await {
-            Ok((read, _)) => Ok(tonic::Response::new(ReadIndexResponse { index: read.map(|l| l.index).unwrap_or(0) })),
-            Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+        if self.node.leader() != Some(self.node.id) {
+            return Err(tonic::Status::unavailable("not the leader"));
         }
+        // Through the leader's own read batcher: the ReadIndex calls of every follower and
+        // the leader's own linearizable reads share one quorum round. Once a round that
+        // started after this call has confirmed leadership and the leader has applied its
+        // read index, whatever the leader has applied is committed and not older than
+        // anything committed when the call arrived: a valid read index.
+        self.node.read_barrier().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let applied = self.node.raft.metrics().borrow().last_applied.map_or(0, |l| l.index);
+        Ok(tonic::Response::new(ReadIndexResponse { index: applied }))
     }
 
     async fn lease(&self, req: tonic::Request<LeaseRequest>) -> Result<tonic::Response<LeaseReply>, tonic::Status> {
