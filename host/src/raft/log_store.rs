@@ -6,7 +6,7 @@
 //! Appends are written with `sync = true` right in `append`, on the calling task: openraft
 //! 0.9's core awaits every append's flush before it does anything else, so the append is
 //! on the critical path anyway, and a separate fsync thread only added two thread hops
-//! per append (measured: put at 16 clients on one node 7.9k → 9.5k ops/s without it; no
+//! per append (measured: put at 16 clients on one node ~8k → ~9.6k ops/s without it; no
 //! change at 128 clients, where the batcher puts hundreds of commands in one append). An
 //! entry is acknowledged only after the fsync that covers it, so an acknowledged write
 //! survives power loss.
