@@ -13,17 +13,6 @@ use kv_mvcc::pb::etcdserverpb::response_op::Response;
 use kv_mvcc::pb::etcdserverpb::*;
 use kv_mvcc::pb::mvccpb::{event::EventType, KeyValue};
 
-fn kv(key: &str, value: &str, create: i64, modr: i64, version: i64, lease: i64) -> KeyValue {
-    KeyValue {
-        key: key.into(),
-        value: value.into(),
-        create_revision: create,
-        mod_revision: modr,
-        version,
-        lease,
-    }
-}
-
 fn rr(key: &str, range_end: &str) -> RangeRequest {
     RangeRequest {
         key: key.into(),

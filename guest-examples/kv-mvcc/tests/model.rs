@@ -36,14 +36,6 @@ struct Model {
     events: Vec<(Vec<u8>, Event)>,
 }
 
-fn in_range(k: &[u8], key: &[u8], end: &[u8]) -> bool {
-    match end {
-        [] => k == key,
-        [0] => k >= key,
-        e => key <= k && k < e,
-    }
-}
-
 fn header(revision: i64) -> Option<ResponseHeader> {
     Some(ResponseHeader {
         revision,

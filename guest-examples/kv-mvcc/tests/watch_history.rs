@@ -53,17 +53,6 @@ fn mod_rev(e: &Event) -> i64 {
     e.kv.as_ref().unwrap().mod_revision
 }
 
-fn kv(key: &str, value: &str, create: i64, modr: i64, version: i64) -> KeyValue {
-    KeyValue {
-        key: key.into(),
-        value: value.into(),
-        create_revision: create,
-        mod_revision: modr,
-        version,
-        lease: 0,
-    }
-}
-
 fn put_ev(kv: KeyValue, prev_kv: Option<KeyValue>) -> Event {
     Event {
         r#type: EventType::Put as i32,
@@ -184,15 +173,6 @@ fn random_history(seed: u64, steps: usize) -> MemNode {
     n
 }
 
-fn in_range(k: &[u8], key: &[u8], end: &[u8]) -> bool {
-    let key = if key.is_empty() { &[0][..] } else { key };
-    match end {
-        [] => k == key,
-        [0] => k >= key,
-        e => key <= k && k < e,
-    }
-}
-
 #[test]
 fn history_is_the_events_apply_emitted() {
     for seed in [1, 7, 42, 1234567] {
@@ -214,6 +194,8 @@ fn history_is_the_events_apply_emitted() {
                 let want: Vec<Event> = emitted
                     .iter()
                     .filter(|(k, e)| {
+                        // A watch reads an empty key as "\0".
+                        let key = if key.is_empty() { "\0" } else { key };
                         mod_rev(e) >= from && in_range(k, key.as_bytes(), end.as_bytes())
                     })
                     .map(|(_, e)| e.clone())
@@ -314,11 +296,11 @@ fn events_are_built_as_apply_builds_them() {
             put_ev(
                 KeyValue {
                     lease: 5,
-                    ..kv("k", "1", 2, 2, 1)
+                    ..kv("k", "1", 2, 2, 1, 0)
                 },
                 None
             ),
-            put_ev(kv("k", "2", 2, 3, 2), None),
+            put_ev(kv("k", "2", 2, 3, 2, 0), None),
             del_ev("k", 4, None),
         ]
     );
@@ -380,17 +362,17 @@ fn prev_kv_is_the_key_before_the_events_revision() {
     )
     .unwrap(); // 6
     let w = watch(&n, &watch_req("a", "", 2, true));
-    let v3 = kv("a", "3", 5, 5, 1);
+    let v3 = kv("a", "3", 5, 5, 1, 0);
     assert_eq!(
         w.events,
         [
-            put_ev(kv("a", "1", 2, 2, 1), None),
-            put_ev(kv("a", "2", 2, 3, 2), Some(kv("a", "1", 2, 2, 1))),
-            del_ev("a", 4, Some(kv("a", "2", 2, 3, 2))),
+            put_ev(kv("a", "1", 2, 2, 1, 0), None),
+            put_ev(kv("a", "2", 2, 3, 2, 0), Some(kv("a", "1", 2, 2, 1, 0))),
+            del_ev("a", 4, Some(kv("a", "2", 2, 3, 2, 0))),
             // After a delete: none.
             put_ev(v3.clone(), None),
             del_ev("a", 6, Some(v3.clone())),
-            put_ev(kv("a", "4", 6, 6, 1), Some(v3)),
+            put_ev(kv("a", "4", 6, 6, 1, 0), Some(v3)),
         ]
     );
     // Without prev_kv, none.
@@ -417,10 +399,10 @@ fn prev_kv_after_compaction() {
         w.events,
         [
             // The version compaction kept (the newest at or below 6).
-            put_ev(kv("kept", "3", 2, 7, 3), Some(kv("kept", "2", 2, 5, 2))),
+            put_ev(kv("kept", "3", 2, 7, 3, 0), Some(kv("kept", "2", 2, 5, 2, 0))),
             // Compaction removed "gone"'s put and its tombstone: none.
-            put_ev(kv("gone", "2", 8, 8, 1), None),
-            del_ev("kept", 9, Some(kv("kept", "3", 2, 7, 3))),
+            put_ev(kv("gone", "2", 8, 8, 1, 0), None),
+            del_ev("kept", 9, Some(kv("kept", "3", 2, 7, 3, 0))),
         ]
     );
     assert_eq!(rev_of(&w.header), 9);

@@ -5,7 +5,7 @@
 use kv_mvcc::command::{self, encode};
 use kv_mvcc::host::MemNode;
 use kv_mvcc::pb::etcdserverpb::*;
-use kv_mvcc::pb::mvccpb::Event;
+use kv_mvcc::pb::mvccpb::{Event, KeyValue};
 use prost::Message;
 
 pub fn apply<M: Message + Default>(
@@ -167,4 +167,25 @@ pub fn keys(r: &RangeResponse) -> Vec<String> {
         .iter()
         .map(|kv| String::from_utf8(kv.key.clone()).unwrap())
         .collect()
+}
+
+pub fn kv(key: &str, value: &str, create: i64, modr: i64, version: i64, lease: i64) -> KeyValue {
+    KeyValue {
+        key: key.into(),
+        value: value.into(),
+        create_revision: create,
+        mod_revision: modr,
+        version,
+        lease,
+    }
+}
+
+/// Whether `k` is in etcd's range `key`/`end` (empty `end`: only `key`; `"\0"`: every
+/// key from `key` on).
+pub fn in_range(k: &[u8], key: &[u8], end: &[u8]) -> bool {
+    match end {
+        [] => k == key,
+        [0] => k >= key,
+        e => key <= k && k < e,
+    }
 }
