@@ -111,8 +111,11 @@ async fn serve_stream(node: Arc<Node>, mut inbound: Streaming<WatchRequest>, tx:
                 }
                 if let (Ok(id), Some(spec)) = (id, spec) {
                     let covered = if c.start_revision > 0 { c.start_revision - 1 } else { rev };
+                    // Revisions after `rev` come through `live`; only a start at or below
+                    // it has history to read first.
+                    let replay = covered < rev;
                     let w = Watcher { node: node.clone(), id, spec, covered, tx: tx.clone(), sent: false };
-                    watchers.insert(id, tokio::spawn(w.run(live, c.progress_notify)));
+                    watchers.insert(id, tokio::spawn(w.run(live, replay, c.progress_notify)));
                 }
                 None
             }
@@ -230,8 +233,8 @@ struct Watcher {
 }
 
 impl Watcher {
-    async fn run(mut self, mut live: broadcast::Receiver<Arc<CommittedEvents>>, progress_notify: bool) {
-        if self.catch_up().await.is_err() {
+    async fn run(mut self, mut live: broadcast::Receiver<Arc<CommittedEvents>>, replay: bool, progress_notify: bool) {
+        if replay && self.catch_up().await.is_err() {
             return;
         }
         let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_INTERVAL, PROGRESS_INTERVAL);

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::etcd_kv::{header, kv_query, TAG_HASH_KV, TAG_STATUS};
+use super::etcd_kv::{header, kv_query, kv_revision, TAG_HASH_KV};
 use super::node_status;
 use crate::node::Node;
 use crate::proto::etcdserverpb::maintenance_server::Maintenance;
@@ -52,7 +52,7 @@ impl Maintenance for MaintenanceService {
     }
 
     async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
-        let kv: StatusResponse = kv_query(&self.node, TAG_STATUS, &StatusRequest {}, false).await.unwrap_or_default();
+        let revision = kv_revision(&self.node).await;
         let m = self.node.raft.metrics().borrow().clone();
         let db = self.node.shared.db();
         let size = db.size().unwrap_or(0) as i64;
@@ -63,7 +63,7 @@ impl Maintenance for MaintenanceService {
             .map(|(member, a)| format!("memberID:{member} alarm:{} ", AlarmType::try_from(a).map(|t| t.as_str_name()).unwrap_or("?")))
             .collect();
         Ok(Response::new(StatusResponse {
-            header: Some(header(&self.node, self.revision(kv.header))),
+            header: Some(header(&self.node, revision)),
             version: ETCD_API_VERSION.to_string(),
             db_size: size,
             leader: m.current_leader.unwrap_or(0),
