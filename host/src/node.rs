@@ -17,7 +17,7 @@ use tonic::transport::Channel;
 use crate::proto::peer::raft_peer_client::RaftPeerClient;
 use crate::proto::peer::{raft_peer_server::RaftPeer, Blob, LeaseReply, LeaseRequest, ReadIndexRequest, ReadIndexResponse};
 use crate::raft::network::shared_peer_client;
-use crate::raft::state_machine::Shared;
+use crate::raft::state_machine::{InFlight, Shared};
 use crate::types::{decode, encode, ApplyError, Member, NodeId, Raft, Request, Response};
 
 #[derive(Debug, Clone, thiserror::Error, Serialize, Deserialize)]
@@ -283,6 +283,7 @@ impl Node {
 
     /// Replicate `req` and return what applying it produced (and its log index).
     pub async fn propose(&self, req: Request) -> Result<(Response, u64), NodeError> {
+        let _in_flight = InFlight::new(&self.shared.commands_in_flight, 1);
         let deadline = Instant::now() + self.request_timeout;
         loop {
             let leader = self.leader();
@@ -460,6 +461,11 @@ impl RaftPeer for PeerService {
 
     async fn forward(&self, req: tonic::Request<Blob>) -> Result<tonic::Response<Blob>, tonic::Status> {
         let request: Request = decode(&req.into_inner().data).map_err(bad_blob)?;
+        let commands = match &request {
+            Request::Batch(requests) => requests.len(),
+            _ => 1,
+        };
+        let _in_flight = InFlight::new(&self.node.shared.commands_in_flight, commands);
         let reply = if self.node.leader() == Some(self.node.id) {
             self.node.propose_local(request).await
         } else {

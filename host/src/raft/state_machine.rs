@@ -8,7 +8,7 @@
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use anyhow::Context;
@@ -24,6 +24,9 @@ use crate::types::{
     ApplyError, ApplyErrorKind, Entry, LogId, Request, Response, SnapshotMeta, StorageError, StoredMembership,
     TypeConfig,
 };
+
+/// Most commands a batch of entries may hold to be applied on the async task itself.
+const INLINE_APPLY_COMMANDS: usize = 4;
 
 /// Events of one committed command, for the watch hub.
 #[derive(Debug, Clone)]
@@ -42,6 +45,24 @@ pub struct Shared {
     /// Lease deadlines (not replicated; see `lessor`), kept in step with the applied table.
     pub leases: Lessor,
     snapshot_seq: AtomicU64,
+    /// Client commands this node is proposing or forwarding and has not answered yet.
+    pub commands_in_flight: AtomicUsize,
+}
+
+/// Counts commands in [`Shared::commands_in_flight`] while it lives.
+pub struct InFlight<'a>(&'a AtomicUsize, usize);
+
+impl<'a> InFlight<'a> {
+    pub fn new(counter: &'a AtomicUsize, commands: usize) -> Self {
+        counter.fetch_add(commands, Ordering::Relaxed);
+        Self(counter, commands)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(self.1, Ordering::Relaxed);
+    }
 }
 
 impl Shared {
@@ -105,6 +126,7 @@ impl StateMachineStore {
                 events,
                 leases,
                 snapshot_seq: AtomicU64::new(seq),
+                commands_in_flight: AtomicUsize::new(0),
             }),
         })
     }
@@ -137,6 +159,34 @@ impl StateMachineStore {
             }
             Err(e) => Response::Failed(ApplyError::new(ApplyErrorKind::InvalidModule, format!("{e:#}"))),
         }
+    }
+
+    /// Whether to apply `entries` right on the async task that received them: when this
+    /// node has at most one client command in flight, and they hold at most
+    /// [`INLINE_APPLY_COMMANDS`] commands, all for machines whose recent commands were
+    /// light (`Runtime::applies_quickly`), and nothing else that runs a guest or compiles
+    /// a module. Skipping the hop to a blocking thread and back saves ~40 µs per batch
+    /// (put, 1 node, 1 client: ~1,900 → ~2,150 ops/s). Under load the blocking thread
+    /// pays for itself: the apply then runs beside the async workers instead of taking
+    /// one of them (inlining one-command entries cost 7% at 16 clients).
+    fn applies_quickly(&self, entries: &[Entry]) -> bool {
+        if self.shared.commands_in_flight.load(Ordering::Relaxed) > 1 {
+            return false;
+        }
+        let mut commands = 0;
+        let mut quick = |r: &Request| match r {
+            Request::Call { machine, .. } => {
+                commands += 1;
+                commands <= INLINE_APPLY_COMMANDS && self.shared.runtime.applies_quickly(machine)
+            }
+            _ => false,
+        };
+        entries.iter().all(|e| match &e.payload {
+            EntryPayload::Blank => true,
+            EntryPayload::Normal(Request::Batch(requests)) => requests.iter().all(&mut quick),
+            EntryPayload::Normal(r) => quick(r),
+            EntryPayload::Membership(_) => false,
+        })
     }
 
     fn apply_entries(&self, entries: Vec<Entry>) -> anyhow::Result<Vec<Response>> {
@@ -351,8 +401,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
+        if self.applies_quickly(&entries) {
+            return self.apply_entries(entries).map_err(|e| sm_err(ErrorVerb::Write, e));
+        }
         let this = self.clone();
-        // Guests are CPU-bound and synchronous: keep them off the async workers.
+        // Guests are CPU-bound and synchronous: keep long batches off the async workers.
         tokio::task::spawn_blocking(move || this.apply_entries(entries))
             .await
             .map_err(|e| sm_err(ErrorVerb::Write, e))?

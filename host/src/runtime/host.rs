@@ -34,6 +34,8 @@ pub struct HostState {
     /// bounds the host work a query does on an async worker (see `Runtime::query_within`).
     read_budget: Option<u64>,
     over_read_budget: bool,
+    /// Reads charged so far in this call, budget or not.
+    reads: u64,
 }
 
 impl HostState {
@@ -53,6 +55,7 @@ impl HostState {
             fault: None,
             read_budget: None,
             over_read_budget: false,
+            reads: 0,
         }
     }
 
@@ -73,6 +76,7 @@ impl HostState {
         self.fault = None;
         self.read_budget = None;
         self.over_read_budget = false;
+        self.reads = 0;
     }
 
     /// Limit the host reads of the call just begun (see `read_budget`).
@@ -85,12 +89,18 @@ impl HostState {
         self.over_read_budget
     }
 
+    /// Reads the call just run was charged (see `read_budget`), limited or not.
+    pub(super) fn reads(&self) -> u64 {
+        self.reads
+    }
+
     /// Charge `rows` reads returning `bytes` bytes against the read budget.
     fn charge_reads(&mut self, rows: usize, bytes: usize) -> wasmtime::Result<()> {
+        let cost = rows as u64 + (bytes as u64).div_ceil(1024);
+        self.reads = self.reads.saturating_add(cost);
         let Some(left) = self.read_budget.as_mut() else {
             return Ok(());
         };
-        let cost = rows as u64 + (bytes as u64).div_ceil(1024);
         match left.checked_sub(cost) {
             Some(l) => {
                 *left = l;
