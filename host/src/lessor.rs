@@ -356,6 +356,17 @@ impl Node {
     /// Serve a lease call on this node, which must be the leader, once it has applied
     /// everything committed (etcd's waitAppliedIndex), so its lease table is current.
     async fn lease_here(&self, req: &LeaseRequest) -> AtLeader<Option<LeaseTtl>> {
+        let leases = &self.shared.leases;
+        // A keep-alive of a lease this leader knows, while a quorum has acknowledged it
+        // recently, needs no barrier: etcd renews on its leader without one too (it only
+        // waits for its applied index), and steps down when it loses its quorum, as this
+        // check does. An unknown or expired lease takes the barrier below, so a new
+        // leader that has not applied a grant yet does not answer "not found".
+        if req.renew && self.leads_with_recent_quorum() {
+            if let Renewal::Renewed(ttl) = leases.renew(req.id) {
+                return AtLeader::Done(Some(LeaseTtl { ttl, granted_ttl: ttl, keys: Vec::new() }));
+            }
+        }
         // A read barrier (shared with concurrent reads and lease calls: one quorum round
         // serves them all), then leadership is checked again: a node that lost it in the
         // meantime passes the call on.
@@ -367,7 +378,6 @@ impl Node {
         if self.leader() != Some(self.id) {
             return AtLeader::NotLeader;
         }
-        let leases = &self.shared.leases;
         if req.renew {
             return match leases.renew(req.id) {
                 Renewal::Renewed(ttl) => AtLeader::Done(Some(LeaseTtl {
@@ -416,6 +426,14 @@ impl Node {
             Ok(Err(e)) => AtLeader::Failed(NodeError::Internal(format!("{e:#}"))),
             Err(e) => AtLeader::Failed(NodeError::Internal(e.to_string())),
         }
+    }
+
+    /// Whether this node leads and a quorum acknowledged its leadership within half an
+    /// election timeout (openraft's view, refreshed at least every heartbeat).
+    fn leads_with_recent_quorum(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        let fresh = self.raft.config().election_timeout_min / 2;
+        m.current_leader == Some(self.id) && m.millis_since_quorum_ack.is_some_and(|ms| ms < fresh)
     }
 
     /// The peer side of a lease call forwarded by a follower.

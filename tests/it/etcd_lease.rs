@@ -7,6 +7,7 @@
 //! * keep-alives through a follower keep a lease alive for several TTLs, also across a
 //!   SIGKILL of the leader (the new leader gives every lease a fresh TTL), and the lease
 //!   expires once they stop;
+//! * a leader cut off from its quorum (followers frozen) stops renewing leases;
 //! * the lease table travels in snapshots: a member that catches up through one knows the
 //!   leases and their keys.
 
@@ -590,6 +591,41 @@ fn keep_alive_through_a_follower_survives_leader_failover() {
         format!("lease {id} already expired")
     );
     c.assert_converged(Duration::from_secs(20));
+}
+
+/// A leader renews leases without a quorum round while a quorum has acknowledged it
+/// recently (as etcd's does); cut off from its quorum it must stop renewing, and renew
+/// again once the followers are back.
+#[test]
+fn a_leader_cut_off_from_its_quorum_stops_renewing_leases() {
+    let c = start_kv_cluster(3);
+    let leader = c.leader();
+    let ep = c.endpoint(leader);
+    let id = granted_id(&etcdctl(&ep, &["lease", "grant", "60"], ""));
+    let keep_alive = || etcdctl(&ep, &["--command-timeout", "2s", "lease", "keep-alive", "--once", &id], "");
+    let renewed = format!("lease {id} keepalived with TTL(60)");
+    assert!(keep_alive().ok().contains(&renewed));
+
+    let followers: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    for &f in &followers {
+        c.pause(f);
+    }
+    // Renewals may go on for the freshness window (half an election timeout); then they
+    // must fail, every time.
+    poll_until(Duration::from_secs(20), "a keep-alive at the cut-off leader to fail", || {
+        let out = keep_alive();
+        if out.success() { Err(out.out().to_string()) } else { Ok(()) }
+    });
+    let again = keep_alive();
+    assert!(!again.success(), "renewed without a quorum: {again:?}");
+
+    for &f in &followers {
+        c.resume(f);
+    }
+    poll_until(Duration::from_secs(30), "keep-alives to work again", || {
+        let out = keep_alive();
+        if out.success() && out.out().contains(&renewed) { Ok(()) } else { Err(format!("{out:?}")) }
+    });
 }
 
 /// A member that was down while a lease was granted and keys attached catches up through
