@@ -120,7 +120,16 @@ pub struct Batcher(Inbox<Pending>);
 fn payload_len(r: &Request) -> usize {
     match r {
         Request::Call { payload, .. } => payload.len(),
+        Request::Batch(requests) => requests.iter().map(payload_len).sum(),
         _ => 0,
+    }
+}
+
+/// Commands in `r`: a follower's forwarded batch counts each of its commands.
+fn command_count(r: &Request) -> usize {
+    match r {
+        Request::Batch(requests) => requests.len(),
+        _ => 1,
     }
 }
 
@@ -137,11 +146,13 @@ async fn run_batcher(node: std::sync::Weak<Node>, mut rx: tokio::sync::mpsc::Unb
             },
         };
         let mut bytes = payload_len(&first.0);
+        let mut commands = command_count(&first.0);
         let mut batch = vec![first];
-        while batch.len() < BATCH_MAX_REQUESTS {
+        while commands < BATCH_MAX_REQUESTS {
             let Ok(next) = rx.try_recv() else { break };
             bytes += payload_len(&next.0);
-            if bytes > BATCH_MAX_BYTES {
+            commands += command_count(&next.0);
+            if bytes > BATCH_MAX_BYTES || commands > BATCH_MAX_REQUESTS {
                 carry = Some(next);
                 break;
             }
@@ -154,10 +165,28 @@ async fn run_batcher(node: std::sync::Weak<Node>, mut rx: tokio::sync::mpsc::Unb
                 let _ = reply.send(node.send_to_leader(req).await);
             } else {
                 let (requests, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-                let n = requests.len();
-                match node.send_to_leader(Request::Batch(requests)).await {
+                // A forwarded batch joins this one command by command and gets its
+                // responses back as a batch.
+                let spans: Vec<Option<usize>> = requests
+                    .iter()
+                    .map(|r| matches!(r, Request::Batch(_)).then(|| command_count(r)))
+                    .collect();
+                let flat: Vec<Request> = requests
+                    .into_iter()
+                    .flat_map(|r| match r {
+                        Request::Batch(inner) => inner,
+                        r => vec![r],
+                    })
+                    .collect();
+                let n = flat.len();
+                match node.send_to_leader(Request::Batch(flat)).await {
                     ForwardReply::Applied { response: Response::Batch(rs), index } if rs.len() == n => {
-                        for (response, reply) in rs.into_iter().zip(replies) {
+                        let mut rs = rs.into_iter();
+                        for (span, reply) in spans.into_iter().zip(replies) {
+                            let response = match span {
+                                None => rs.next().expect("one response per command"),
+                                Some(k) => Response::Batch(rs.by_ref().take(k).collect()),
+                            };
                             let _ = reply.send(ForwardReply::Applied { response, index });
                         }
                     }
@@ -243,7 +272,9 @@ impl Node {
     /// Propose `req` on this node, which must be the leader.
     async fn propose_local(&self, req: Request) -> ForwardReply {
         match req {
-            Request::Call { .. } => self.submit(req).await,
+            // A follower's forwarded batch goes through the batcher too: it shares a log
+            // entry (one fsync, one replication round) with the commands waiting here.
+            Request::Call { .. } | Request::Batch(_) => self.submit(req).await,
             req => client_write(&self.raft, stamp(req)).await,
         }
     }
