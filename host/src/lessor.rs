@@ -431,8 +431,9 @@ impl Node {
     /// Whether this node leads and a quorum acknowledged its leadership within half an
     /// election timeout (openraft's view, refreshed at least every heartbeat).
     fn leads_with_recent_quorum(&self) -> bool {
-        let m = self.raft.metrics().borrow().clone();
         let fresh = self.raft.config().election_timeout_min / 2;
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
         m.current_leader == Some(self.id) && m.millis_since_quorum_ack.is_some_and(|ms| ms < fresh)
     }
 

@@ -492,11 +492,7 @@ impl RaftPeer for PeerService {
 
     async fn forward(&self, req: tonic::Request<Blob>) -> Result<tonic::Response<Blob>, tonic::Status> {
         let request: Request = decode(&req.into_inner().data).map_err(bad_blob)?;
-        let commands = match &request {
-            Request::Batch(requests) => requests.len(),
-            _ => 1,
-        };
-        let _in_flight = InFlight::new(&self.node.shared.commands_in_flight, commands);
+        let _in_flight = InFlight::new(&self.node.shared.commands_in_flight, command_count(&request));
         let reply = if self.node.leader() == Some(self.node.id) {
             self.node.propose_local(request).await
         } else {
