@@ -501,13 +501,19 @@ mod tests {
         b
     }
 
-    #[test]
-    fn a_query_too_big_for_its_slice_is_left_for_a_rerun_with_the_whole_budget() {
+    /// A state store and a runtime with the built-in kv-mvcc loaded as `kv`.
+    fn kv_runtime() -> (tempfile::TempDir, Arc<StateDb>, Runtime) {
         let dir = tempfile::tempdir().unwrap();
         let db = Arc::new(StateDb::open(&dir.path().join("state")).unwrap());
         let rt = Runtime::new(&dir.path().join("cache")).unwrap();
         let wasm = rt.validate(crate::server::DEFAULT_KV_MODULE).unwrap();
         rt.load(ModuleRecord::for_component("kv".into(), &wasm, DEFAULT_FUEL, DEFAULT_MEMORY_BYTES, 1), &wasm).unwrap();
+        (dir, db, rt)
+    }
+
+    #[test]
+    fn a_query_too_big_for_its_slice_is_left_for_a_rerun_with_the_whole_budget() {
+        let (_dir, db, rt) = kv_runtime();
         let mut batch = PendingBatch::default();
         for i in 0..300u64 {
             let put = PutRequest { key: format!("k{i:04}").into_bytes(), value: vec![b'v'; 100], ..Default::default() };
@@ -534,11 +540,7 @@ mod tests {
 
     #[test]
     fn a_heavy_command_sends_its_machine_to_a_blocking_thread_until_it_is_light_again() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Arc::new(StateDb::open(&dir.path().join("state")).unwrap());
-        let rt = Runtime::new(&dir.path().join("cache")).unwrap();
-        let wasm = rt.validate(crate::server::DEFAULT_KV_MODULE).unwrap();
-        rt.load(ModuleRecord::for_component("kv".into(), &wasm, DEFAULT_FUEL, DEFAULT_MEMORY_BYTES, 1), &wasm).unwrap();
+        let (_dir, db, rt) = kv_runtime();
         let mut index = 0;
         let mut apply = |msg: Vec<u8>| {
             index += 1;
