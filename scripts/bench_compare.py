@@ -335,6 +335,35 @@ class Cluster:
     def endpoints(self):
         return [m.endpoint for m in self.members]
 
+    def follower_first(self):
+        """The endpoints with a follower first, then the others, the leader last.
+
+        A client with fewer connections than members (1 client: 1 connection) talks to the
+        first endpoint only, so whether that member leads decides what a one-client run
+        measures (a follower forwards writes and asks the leader for a read index). Both
+        systems get the same role: a follower, as for most members of a cluster."""
+        if self.n == 1:
+            return self.endpoints
+        code, out, _ = run_capture(
+            [self.args.etcdctl_bin, "--endpoints", ",".join(self.endpoints), "--dial-timeout", "1s",
+             "--command-timeout", "3s", "endpoint", "status", "-w", "json"],
+            timeout=15, env=dict(os.environ, ETCDCTL_API="3"))
+        leaders = set()
+        if code == 0:
+            try:
+                for st in json.loads(out):
+                    if st["Status"]["leader"] == st["Status"]["header"]["member_id"]:
+                        leaders.add(st["Endpoint"])
+            except (ValueError, KeyError, TypeError):
+                pass
+        if len(leaders) != 1:
+            log(f"{self.label}: leader unknown (endpoint status exit {code}); endpoints in member order")
+            return self.endpoints
+        order = sorted(self.endpoints, key=lambda e: e in leaders)
+        if order != self.endpoints:
+            log(f"{self.label}: leader {next(iter(leaders))}, client endpoints {','.join(order)}")
+        return order
+
     def command(self, m):
         initial = ",".join(f"{x.name}={x.peer_url}" for x in self.members)
         flags = [
@@ -747,7 +776,8 @@ def markdown(state, rows):
         f"Both systems: same server flags (`--snapshot-count {c['snapshot_count']} --heartbeat-interval "
         f"{c['heartbeat_interval']} --election-timeout {c['election_timeout']} --quota-backend-bytes "
         f"{c['quota_backend_bytes']}`), same disk, same client (`raftvm bench`), all members' endpoints given "
-        f"to the client. Runs alternate which system goes first; before each run every server is idle. "
+        f"to the client, a follower's first (a client with fewer connections than members talks to the first "
+        f"only, so both systems' one-client runs go through a follower). Runs alternate which system goes first; before each run every server is idle. "
         f"Values {c['val_size']} B, key space {c['key_space']:,}, "
         + (f"each run {c['duration']}" if c.get("duration") else
            f"{c['ops']:,} ops per run ({c['ops_1client']:,} with 1 client)")
@@ -961,7 +991,9 @@ class Runner:
                     else:
                         rec["settle_s"] = self.settle(list(clusters.values()))
                         rec["loadavg_before"] = loadavg()
-                        bargs = bench_args_for(a, wid, clients, c.endpoints)
+                        order = c.follower_first()
+                        rec["endpoints"] = order
+                        bargs = bench_args_for(a, wid, clients, order)
                         rec.update(run_bench(a, bargs, a.run_timeout))
                         dead = c.dead()
                         if dead:

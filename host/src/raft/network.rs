@@ -30,9 +30,9 @@ pub fn peer_client(url: &str) -> anyhow::Result<RaftPeerClient<Channel>> {
     Ok(RaftPeerClient::new(ch).max_decoding_message_size(MAX_PEER_MESSAGE).max_encoding_message_size(MAX_PEER_MESSAGE))
 }
 
-/// A client on a channel shared by every request to `url`: forwarded proposals, read-index
-/// and lease calls multiplex over one HTTP/2 connection per peer instead of connecting per
-/// request. (A lazy channel reconnects by itself after a failure.)
+/// A client on a channel shared by every request to `url`: Raft RPCs, forwarded proposals,
+/// read-index and lease calls multiplex over one HTTP/2 connection per peer instead of
+/// connecting per request. (A lazy channel reconnects by itself after a failure.)
 pub fn shared_peer_client(url: &str) -> anyhow::Result<RaftPeerClient<Channel>> {
     static CLIENTS: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, RaftPeerClient<Channel>>>> =
         std::sync::OnceLock::new();
@@ -51,8 +51,14 @@ pub struct Network;
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerConn;
 
+    /// On the channel shared by every call to that peer. openraft asks for a client not
+    /// only per replication stream but per leadership check (every read-index round) and
+    /// per election: a channel of its own each time cost a TCP connect and an HTTP/2
+    /// handshake per round (measured: linearizable range on a 3-node leader, 1 client,
+    /// 2 connects per read). HTTP/2 interleaves the streams' frames, so a heartbeat does
+    /// not queue behind a large AppendEntries.
     async fn new_client(&mut self, target: NodeId, node: &Member) -> Self::Network {
-        PeerConn { target, client: peer_client(&node.peer_url).map_err(|e| e.to_string()) }
+        PeerConn { target, client: shared_peer_client(&node.peer_url).map_err(|e| e.to_string()) }
     }
 }
 
