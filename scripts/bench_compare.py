@@ -360,8 +360,9 @@ class Cluster:
             log(f"{self.label}: leader unknown (endpoint status exit {code}); endpoints in member order")
             return self.endpoints
         order = sorted(self.endpoints, key=lambda e: e in leaders)
-        if order != self.endpoints:
+        if order != getattr(self, "_logged_order", self.endpoints):
             log(f"{self.label}: leader {next(iter(leaders))}, client endpoints {','.join(order)}")
+        self._logged_order = order
         return order
 
     def command(self, m):
