@@ -12,11 +12,9 @@
 //!   leases and their keys.
 
 use std::collections::BTreeMap;
-use std::io::Read;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use raftvm_tests::etcd::{etcdctl, etcdctl_bin, start_kv_cluster, wait_kv_module, EtcdServer};
+use raftvm_tests::etcd::{etcdctl, start_kv_cluster, wait_kv_module, EtcdServer, EtcdctlProcess};
 use raftvm_tests::{poll_until, Cluster, CmdOutput};
 
 /// The lease id in `lease <hex> granted with TTL(<n>s)`.
@@ -384,7 +382,7 @@ fn hold(
     prefix: &str,
     want: &[&str],
     how_long: Duration,
-    keeper: Option<&mut KeepAlive>,
+    keeper: Option<&mut EtcdctlProcess>,
 ) {
     let start = Instant::now();
     let mut keeper = keeper;
@@ -401,73 +399,21 @@ fn hold(
             );
         }
         if let Some(k) = keeper.as_deref_mut() {
-            k.assert_running();
+            assert_running(k);
         }
         std::thread::sleep(Duration::from_millis(200));
     }
 }
 
-/// `etcdctl lease keep-alive ID` running against one endpoint; killed on drop.
-struct KeepAlive {
-    child: Option<Child>,
+/// `etcdctl lease keep-alive ID` running against one endpoint (killed on drop).
+fn keep_alive(endpoint: &str, id: &str) -> EtcdctlProcess {
+    EtcdctlProcess::spawn(endpoint, &["lease", "keep-alive", id])
 }
 
-impl KeepAlive {
-    fn start(endpoint: &str, id: &str) -> KeepAlive {
-        let mut cmd = Command::new(etcdctl_bin());
-        cmd.args(["--endpoints", endpoint, "lease", "keep-alive", id])
-            .env("ETCDCTL_API", "3")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        // SAFETY: prctl is async-signal-safe; the closure touches no shared state.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            cmd.pre_exec(|| {
-                libc::prctl(
-                    libc::PR_SET_PDEATHSIG,
-                    libc::SIGKILL as libc::c_ulong,
-                    0,
-                    0,
-                    0,
-                );
-                Ok(())
-            });
-        }
-        KeepAlive {
-            child: Some(cmd.spawn().expect("spawn etcdctl lease keep-alive")),
-        }
-    }
-
-    fn assert_running(&mut self) {
-        let c = self.child.as_mut().expect("keep-alive running");
-        if let Some(st) = c.try_wait().expect("try_wait etcdctl") {
-            let out = self.stop();
-            panic!("`etcdctl lease keep-alive` exited with {st}: {out}");
-        }
-    }
-
-    /// Kill it; returns what it printed.
-    fn stop(&mut self) -> String {
-        let Some(mut c) = self.child.take() else {
-            return String::new();
-        };
-        let _ = c.kill();
-        let _ = c.wait();
-        let mut out = String::new();
-        if let Some(mut s) = c.stdout.take() {
-            let _ = s.read_to_string(&mut out);
-        }
-        if let Some(mut s) = c.stderr.take() {
-            let _ = s.read_to_string(&mut out);
-        }
-        out
-    }
-}
-
-impl Drop for KeepAlive {
-    fn drop(&mut self) {
-        self.stop();
+#[track_caller]
+fn assert_running(keeper: &mut EtcdctlProcess) {
+    if let Some(st) = keeper.exited() {
+        panic!("`etcdctl lease keep-alive` exited with {st}: {keeper:?}");
     }
 }
 
@@ -529,7 +475,7 @@ fn keep_alive_through_a_follower_survives_leader_failover() {
         "",
     ));
     etcdctl(&c.endpoint(f), &["put", "ka/key", "v", "--lease", &id], "").ok();
-    let mut keeper = KeepAlive::start(&c.endpoint(f), &id);
+    let mut keeper = keep_alive(&c.endpoint(f), &id);
 
     // Several TTLs with keep-alives reaching the leader only through the follower.
     hold(
@@ -565,8 +511,8 @@ fn keep_alive_through_a_follower_survives_leader_failover() {
     );
 
     // No more keep-alives: it expires.
-    keeper.assert_running();
-    let printed = keeper.stop();
+    assert_running(&mut keeper);
+    let printed = keeper.finish().stdout;
     let stopped = Instant::now();
     assert!(
         printed.contains(&format!("lease {id} keepalived with TTL({TTL})")),

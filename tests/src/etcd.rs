@@ -282,6 +282,11 @@ impl EtcdctlProcess {
         &self.stderr
     }
 
+    /// Its exit status if it has exited (without waiting).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().expect("try_wait etcdctl"))
+    }
+
     /// Whether both of its output streams have ended (it exited, or closed them).
     pub fn output_ended(&self) -> bool {
         self.eof.0 && self.eof.1
