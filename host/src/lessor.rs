@@ -17,12 +17,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use prost::Message;
 use openraft::ServerState;
 use tokio::sync::{watch, Notify};
 
 use crate::api::etcd_kv::KV_MACHINE;
 use crate::node::{Node, NodeError};
 use crate::proto::peer::{LeaseReply, LeaseRequest};
+use crate::raft::link::CallKind;
 use crate::storage::leases::{attached_keys, get_lease, LeaseRecord};
 use crate::types::{NodeId, Request, Response};
 
@@ -338,13 +340,14 @@ impl Node {
     }
 
     async fn lease_remote(&self, leader: NodeId, req: LeaseRequest) -> AtLeader<Option<LeaseTtl>> {
-        let Some(mut client) = self.peer(leader) else {
+        let Some(link) = self.peer(leader) else {
             return AtLeader::NotLeader;
         };
-        let mut r = tonic::Request::new(req);
-        r.set_timeout(self.request_timeout);
-        match client.lease(r).await {
-            Ok(reply) => from_reply(reply.into_inner()),
+        match link.call(CallKind::Lease, req.encode_to_vec(), self.request_timeout).await {
+            Ok(reply) => match LeaseReply::decode(reply.as_slice()) {
+                Ok(reply) => from_reply(reply),
+                Err(e) => AtLeader::Failed(NodeError::Internal(format!("malformed lease reply from the leader: {e}"))),
+            },
             Err(s) if s.code() == tonic::Code::Unavailable => AtLeader::NotLeader,
             Err(s) => AtLeader::Failed(NodeError::Internal(format!(
                 "lease call to the leader: {}",

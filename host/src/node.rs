@@ -11,12 +11,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use prost::Message;
 use serde::{Deserialize, Serialize};
-use tonic::transport::Channel;
+use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use crate::proto::peer::raft_peer_client::RaftPeerClient;
-use crate::proto::peer::{raft_peer_server::RaftPeer, Blob, LeaseReply, LeaseRequest, ReadIndexRequest, ReadIndexResponse};
-use crate::raft::network::shared_peer_client;
+use crate::proto::peer::{raft_peer_server::RaftPeer, Blob, Frame, LeaseReply, LeaseRequest, ReadIndexRequest, ReadIndexResponse};
+use crate::raft::link::{reply_frame, CallKind, PeerLink};
+use crate::raft::network::peer_link;
 use crate::raft::state_machine::{InFlight, Shared};
 use crate::types::{decode, encode, ApplyError, Member, NodeId, Raft, Request, Response};
 
@@ -353,18 +354,16 @@ impl Node {
         }
     }
 
-    /// A client for member `id`'s peer service (on the channel shared by all calls to it),
-    /// or `None` if `id` is not a member or its URL is unusable.
-    pub(crate) fn peer(&self, id: NodeId) -> Option<RaftPeerClient<Channel>> {
-        shared_peer_client(&self.member(id)?.peer_url).ok()
+    /// The link to member `id`'s peer service (shared by all calls to it), or `None` if
+    /// `id` is not a member or its URL is unusable.
+    pub(crate) fn peer(&self, id: NodeId) -> Option<Arc<PeerLink>> {
+        peer_link(&self.member(id)?.peer_url).ok()
     }
 
     async fn forward(&self, leader: NodeId, req: &Request) -> Result<ForwardReply, ()> {
-        let mut client = self.peer(leader).ok_or(())?;
-        let mut r = tonic::Request::new(Blob { data: encode(req) });
-        r.set_timeout(self.request_timeout);
-        match client.forward(r).await {
-            Ok(reply) => decode(&reply.into_inner().data).map_err(|_| ()),
+        let link = self.peer(leader).ok_or(())?;
+        match link.call(CallKind::Forward, encode(req), self.request_timeout).await {
+            Ok(reply) => decode(&reply).map_err(|_| ()),
             // Unavailable: nothing reached the leader (connection refused/reset before the
             // request), so retrying elsewhere cannot apply the command twice.
             Err(s) if s.code() == tonic::Code::Unavailable => Err(()),
@@ -430,10 +429,9 @@ impl Node {
     }
 
     async fn remote_read_index(&self, leader: NodeId) -> Option<u64> {
-        let mut client = self.peer(leader)?;
-        let mut r = tonic::Request::new(ReadIndexRequest {});
-        r.set_timeout(self.request_timeout);
-        client.read_index(r).await.ok().map(|r| r.into_inner().index)
+        let link = self.peer(leader)?;
+        let reply = link.call(CallKind::ReadIndex, Vec::new(), self.request_timeout).await.ok()?;
+        ReadIndexResponse::decode(reply.as_slice()).ok().map(|r| r.index)
     }
 
     /// Run machine `name`'s `query` on local state (after a barrier if linearizable).
@@ -461,50 +459,58 @@ impl Node {
     }
 }
 
-/// The peer gRPC service: Raft RPCs plus forwarded proposals and read-index.
+/// The peer gRPC service: Raft RPCs plus forwarded proposals, read-index and lease calls,
+/// each as a unary call or as a frame on a peer's call stream (see [`crate::raft::link`]).
+#[derive(Clone)]
 pub struct PeerService {
     pub node: Arc<Node>,
+    /// Becomes true when the server stops: call streams end so shutdown does not wait for
+    /// peers to close them.
+    pub stopped: tokio::sync::watch::Receiver<bool>,
 }
 
 fn bad_blob(e: postcard::Error) -> tonic::Status {
     tonic::Status::invalid_argument(format!("malformed peer message: {e}"))
 }
 
-#[tonic::async_trait]
-impl RaftPeer for PeerService {
-    async fn append_entries(&self, req: tonic::Request<Blob>) -> Result<tonic::Response<Blob>, tonic::Status> {
-        let rpc = decode(&req.into_inner().data).map_err(bad_blob)?;
-        let r = self.node.raft.append_entries(rpc).await;
-        Ok(tonic::Response::new(Blob { data: encode(&r) }))
+impl PeerService {
+    /// Serve one call; `data` and the reply are the bytes of the matching unary call's
+    /// request and reply (a `Blob`'s contents, or the protobuf message).
+    async fn serve(&self, kind: CallKind, data: Vec<u8>) -> Result<Vec<u8>, tonic::Status> {
+        match kind {
+            CallKind::AppendEntries => {
+                let rpc = decode(&data).map_err(bad_blob)?;
+                Ok(encode(&self.node.raft.append_entries(rpc).await))
+            }
+            CallKind::Vote => {
+                let rpc = decode(&data).map_err(bad_blob)?;
+                Ok(encode(&self.node.raft.vote(rpc).await))
+            }
+            CallKind::Forward => {
+                let request: Request = decode(&data).map_err(bad_blob)?;
+                let _in_flight = InFlight::new(&self.node.shared.commands_in_flight, command_count(&request));
+                let reply = if self.node.leader() == Some(self.node.id) {
+                    self.node.propose_local(request).await
+                } else {
+                    ForwardReply::NotLeader
+                };
+                Ok(encode(&reply))
+            }
+            CallKind::ReadIndex => Ok(self.read_index_here().await?.encode_to_vec()),
+            CallKind::Lease => {
+                let req = LeaseRequest::decode(data.as_slice())
+                    .map_err(|e| tonic::Status::invalid_argument(format!("malformed lease call: {e}")))?;
+                Ok(self.node.serve_lease_call(req).await.encode_to_vec())
+            }
+        }
     }
 
-    async fn vote(&self, req: tonic::Request<Blob>) -> Result<tonic::Response<Blob>, tonic::Status> {
-        let rpc = decode(&req.into_inner().data).map_err(bad_blob)?;
-        let r = self.node.raft.vote(rpc).await;
-        Ok(tonic::Response::new(Blob { data: encode(&r) }))
+    async fn serve_blob(&self, kind: CallKind, req: tonic::Request<Blob>) -> Result<tonic::Response<Blob>, tonic::Status> {
+        let data = self.serve(kind, req.into_inner().data).await?;
+        Ok(tonic::Response::new(Blob { data }))
     }
 
-    async fn install_snapshot(&self, req: tonic::Request<Blob>) -> Result<tonic::Response<Blob>, tonic::Status> {
-        let rpc = decode(&req.into_inner().data).map_err(bad_blob)?;
-        let r = self.node.raft.install_snapshot(rpc).await;
-        Ok(tonic::Response::new(Blob { data: encode(&r) }))
-    }
-
-    async fn forward(&self, req: tonic::Request<Blob>) -> Result<tonic::Response<Blob>, tonic::Status> {
-        let request: Request = decode(&req.into_inner().data).map_err(bad_blob)?;
-        let _in_flight = InFlight::new(&self.node.shared.commands_in_flight, command_count(&request));
-        let reply = if self.node.leader() == Some(self.node.id) {
-            self.node.propose_local(request).await
-        } else {
-            ForwardReply::NotLeader
-        };
-        Ok(tonic::Response::new(Blob { data: encode(&reply) }))
-    }
-
-    async fn read_index(
-        &self,
-        _req: tonic::Request<ReadIndexRequest>,
-    ) -> Result<tonic::Response<ReadIndexResponse>, tonic::Status> {
+    async fn read_index_here(&self) -> Result<ReadIndexResponse, tonic::Status> {
         if self.node.leader() != Some(self.node.id) {
             return Err(tonic::Status::unavailable("not the leader"));
         }
@@ -515,10 +521,73 @@ impl RaftPeer for PeerService {
         // anything committed when the call arrived: a valid read index.
         self.node.read_barrier().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
         let applied = self.node.raft.metrics().borrow().last_applied.map_or(0, |l| l.index);
-        Ok(tonic::Response::new(ReadIndexResponse { index: applied }))
+        Ok(ReadIndexResponse { index: applied })
+    }
+}
+
+#[tonic::async_trait]
+impl RaftPeer for PeerService {
+    async fn append_entries(&self, req: tonic::Request<Blob>) -> Result<tonic::Response<Blob>, tonic::Status> {
+        self.serve_blob(CallKind::AppendEntries, req).await
+    }
+
+    async fn vote(&self, req: tonic::Request<Blob>) -> Result<tonic::Response<Blob>, tonic::Status> {
+        self.serve_blob(CallKind::Vote, req).await
+    }
+
+    async fn install_snapshot(&self, req: tonic::Request<Blob>) -> Result<tonic::Response<Blob>, tonic::Status> {
+        let rpc = decode(&req.into_inner().data).map_err(bad_blob)?;
+        let r = self.node.raft.install_snapshot(rpc).await;
+        Ok(tonic::Response::new(Blob { data: encode(&r) }))
+    }
+
+    async fn forward(&self, req: tonic::Request<Blob>) -> Result<tonic::Response<Blob>, tonic::Status> {
+        self.serve_blob(CallKind::Forward, req).await
+    }
+
+    async fn read_index(
+        &self,
+        _req: tonic::Request<ReadIndexRequest>,
+    ) -> Result<tonic::Response<ReadIndexResponse>, tonic::Status> {
+        Ok(tonic::Response::new(self.read_index_here().await?))
     }
 
     async fn lease(&self, req: tonic::Request<LeaseRequest>) -> Result<tonic::Response<LeaseReply>, tonic::Status> {
         Ok(tonic::Response::new(self.node.serve_lease_call(req.into_inner()).await))
+    }
+
+    type CallsStream = UnboundedReceiverStream<Result<Frame, tonic::Status>>;
+
+    /// A peer's call stream: every frame is served on a task of its own and answered
+    /// with a frame of the same id, in whatever order the calls finish.
+    async fn calls(
+        &self,
+        req: tonic::Request<tonic::Streaming<Frame>>,
+    ) -> Result<tonic::Response<Self::CallsStream>, tonic::Status> {
+        let mut inbound = req.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let service = self.clone();
+        let mut stopped = self.stopped.clone();
+        tokio::spawn(async move {
+            loop {
+                let frame = tokio::select! {
+                    f = inbound.message() => match f {
+                        Ok(Some(f)) => f,
+                        _ => break,
+                    },
+                    _ = stopped.wait_for(|s| *s) => break,
+                };
+                let (tx, service) = (tx.clone(), service.clone());
+                tokio::spawn(async move {
+                    let result = match CallKind::from_wire(frame.kind) {
+                        Some(kind) => service.serve(kind, frame.data).await,
+                        None => Err(tonic::Status::invalid_argument(format!("unknown peer call kind {}", frame.kind))),
+                    };
+                    let _ = tx.send(Ok(reply_frame(frame.id, result)));
+                });
+            }
+            // The reply stream ends once the calls still running have answered.
+        });
+        Ok(tonic::Response::new(UnboundedReceiverStream::new(rx)))
     }
 }

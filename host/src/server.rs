@@ -110,7 +110,7 @@ impl Server {
         let (stop, stopped) = watch::channel(false);
         let mut tasks = Vec::new();
 
-        let peer = RaftPeerServer::new(PeerService { node: node.clone() })
+        let peer = RaftPeerServer::new(PeerService { node: node.clone(), stopped: stopped.clone() })
             .max_decoding_message_size(MAX_PEER_MESSAGE)
             .max_encoding_message_size(MAX_PEER_MESSAGE);
         let mut s = stopped.clone();

@@ -4,6 +4,7 @@
 //! back inside the reply so openraft sees it as a remote error, while a transport failure
 //! becomes `Unreachable` (openraft backs off and retries).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
@@ -17,6 +18,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::proto::peer::raft_peer_client::RaftPeerClient;
 use crate::proto::peer::Blob;
+use crate::raft::link::{CallKind, PeerLink};
 use crate::types::{decode, encode, Member, NodeId, TypeConfig};
 
 /// Largest gRPC message between peers: module installs (16 MiB) and snapshot chunks fit.
@@ -26,23 +28,31 @@ pub fn peer_client(url: &str) -> anyhow::Result<RaftPeerClient<Channel>> {
     let ch = Endpoint::from_shared(url.to_string())?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
+        // A peer whose host vanished leaves a half-open connection (and call stream) behind:
+        // pings find it, so calls fail over to a fresh connection instead of timing out on
+        // the dead one until TCP gives up.
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
         .connect_lazy();
     Ok(RaftPeerClient::new(ch).max_decoding_message_size(MAX_PEER_MESSAGE).max_encoding_message_size(MAX_PEER_MESSAGE))
 }
 
-/// A client on a channel shared by every request to `url`: Raft RPCs, forwarded proposals,
-/// read-index and lease calls multiplex over one HTTP/2 connection per peer instead of
-/// connecting per request. (A lazy channel reconnects by itself after a failure.)
-pub fn shared_peer_client(url: &str) -> anyhow::Result<RaftPeerClient<Channel>> {
-    static CLIENTS: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, RaftPeerClient<Channel>>>> =
+/// The link to the peer at `url`, shared by every call to it: Raft RPCs, forwarded
+/// proposals, read-index and lease calls all use one HTTP/2 connection per peer (and one
+/// call stream on it, see [`PeerLink`]) instead of connecting per request. (A lazy
+/// channel reconnects by itself after a failure; a broken call stream is reopened by the
+/// next call.)
+pub fn peer_link(url: &str) -> anyhow::Result<Arc<PeerLink>> {
+    static LINKS: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, Arc<PeerLink>>>> =
         std::sync::OnceLock::new();
-    let mut clients = CLIENTS.get_or_init(Default::default).lock().expect("poisoned");
-    if let Some(c) = clients.get(url) {
-        return Ok(c.clone());
+    let mut links = LINKS.get_or_init(Default::default).lock().expect("poisoned");
+    if let Some(l) = links.get(url) {
+        return Ok(l.clone());
     }
-    let c = peer_client(url)?;
-    clients.insert(url.to_string(), c.clone());
-    Ok(c)
+    let l = Arc::new(PeerLink::new(peer_client(url)?));
+    links.insert(url.to_string(), l.clone());
+    Ok(l)
 }
 
 #[derive(Clone, Default)]
@@ -58,13 +68,20 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     /// 2 connects per read). HTTP/2 interleaves the streams' frames, so a heartbeat does
     /// not queue behind a large AppendEntries.
     async fn new_client(&mut self, target: NodeId, node: &Member) -> Self::Network {
-        PeerConn { target, client: shared_peer_client(&node.peer_url).map_err(|e| e.to_string()) }
+        PeerConn { target, link: peer_link(&node.peer_url).map_err(|e| e.to_string()) }
     }
 }
 
 pub struct PeerConn {
     target: NodeId,
-    client: Result<RaftPeerClient<Channel>, String>,
+    link: Result<Arc<PeerLink>, String>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Which {
+    Append,
+    Vote,
+    Snapshot,
 }
 
 type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, Member, RaftError<NodeId, E>>;
@@ -72,7 +89,7 @@ type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, Member, RaftErro
 impl PeerConn {
     async fn call<Req, Resp, E>(
         &mut self,
-        which: &'static str,
+        which: Which,
         req: &Req,
         option: &RPCOption,
     ) -> Result<Resp, RpcErr<E>>
@@ -81,21 +98,25 @@ impl PeerConn {
         Resp: for<'a> serde::Deserialize<'a>,
         E: std::error::Error + for<'a> serde::Deserialize<'a>,
     {
-        let client = match &mut self.client {
-            Ok(c) => c,
+        let link = match &self.link {
+            Ok(l) => l,
             Err(e) => return Err(RPCError::Unreachable(Unreachable::new(&AnyError::error(e.clone())))),
         };
-        let mut request = tonic::Request::new(Blob { data: encode(req) });
-        request.set_timeout(option.hard_ttl());
+        let data = encode(req);
         let reply = match which {
-            "append" => client.append_entries(request).await,
-            "vote" => client.vote(request).await,
-            _ => client.install_snapshot(request).await,
+            Which::Append => link.call(CallKind::AppendEntries, data, option.hard_ttl()).await,
+            Which::Vote => link.call(CallKind::Vote, data, option.hard_ttl()).await,
+            // Snapshot chunks are large: unary, so they do not queue in front of heartbeats.
+            Which::Snapshot => {
+                let mut request = tonic::Request::new(Blob { data });
+                request.set_timeout(option.hard_ttl());
+                link.client().install_snapshot(request).await.map(|r| r.into_inner().data)
+            }
         };
-        let blob = match reply {
-            Ok(r) => r.into_inner(),
+        let data = match reply {
+            Ok(d) => d,
             Err(status) => {
-                let err = AnyError::error(format!("{which} to node {:x}: {status}", self.target));
+                let err = AnyError::error(format!("{which:?} to node {:x}: {status}", self.target));
                 return Err(match status.code() {
                     tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
                         RPCError::Unreachable(Unreachable::new(&err))
@@ -105,7 +126,7 @@ impl PeerConn {
             }
         };
         let result: Result<Resp, RaftError<NodeId, E>> =
-            decode(&blob.data).map_err(|e| RPCError::Network(NetworkError::new(&AnyError::error(e.to_string()))))?;
+            decode(&data).map_err(|e| RPCError::Network(NetworkError::new(&AnyError::error(e.to_string()))))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }
@@ -116,7 +137,7 @@ impl RaftNetwork<TypeConfig> for PeerConn {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
-        self.call("append", &rpc, &option).await
+        self.call(Which::Append, &rpc, &option).await
     }
 
     async fn install_snapshot(
@@ -124,10 +145,10 @@ impl RaftNetwork<TypeConfig> for PeerConn {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<InstallSnapshotError>> {
-        self.call("snapshot", &rpc, &option).await
+        self.call(Which::Snapshot, &rpc, &option).await
     }
 
     async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> Result<VoteResponse<NodeId>, RpcErr> {
-        self.call("vote", &rpc, &option).await
+        self.call(Which::Vote, &rpc, &option).await
     }
 }
