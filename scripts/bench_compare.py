@@ -90,6 +90,9 @@ def parse_args(argv):
     p.add_argument("--other-clients", type=int_list, default=[16],
                    help="client counts for txn-put, delete, watch, lease-keepalive")
     p.add_argument("--conns", type=int, default=None, help="gRPC connections per run [min(clients, 16)]")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="runs of each workload and client count per system (the order of the systems "
+                        "alternates); the table reports the median run and the range")
     p.add_argument("--ops", type=int, default=None, help="--total per run [20000; quick: 1000]")
     p.add_argument("--ops-1client", type=int, default=None, help="--total for 1-client runs [2000; quick: 200]")
     p.add_argument("--duration", default=None,
@@ -691,16 +694,38 @@ def ratio_of(e, f):
     return "-"
 
 
-def table_rows(state):
-    rows = []
+def ops_of(rec):
+    return (rec.get("result") or {}).get("ops_per_sec") if rec and rec["status"] == "ok" else None
+
+
+def median_run(recs):
+    """The run with the median throughput (the lower middle one of an even count), or the
+    last run if none succeeded."""
+    ok = sorted((r for r in recs if ops_of(r) is not None), key=ops_of)
+    if ok:
+        return ok[(len(ok) - 1) // 2]
+    return recs[-1] if recs else None
+
+
+def runs_by_case(state):
+    """{(workload id, nodes, clients): {system: [runs]}} in run order."""
     seen = {}
     for r in state["runs"]:
         key = (r["workload_id"], r["nodes"], r["clients"])
-        seen.setdefault(key, {})[r["system"]] = r
-    for (wid, nodes, clients), by in seen.items():
-        e, f = by.get("etcd"), by.get("raftvm")
+        seen.setdefault(key, {}).setdefault(r["system"], []).append(r)
+    return seen
+
+
+def table_rows(state):
+    rows = []
+    for (wid, nodes, clients), by in runs_by_case(state).items():
+        e, f = median_run(by.get("etcd", [])), median_run(by.get("raftvm", []))
         ratio = ratio_of(e, f)
         notes = []
+        for name in ("etcd", "raftvm"):
+            got = sorted(o for o in map(ops_of, by.get(name, [])) if o is not None)
+            if len(by.get(name, [])) > 1 and got:
+                notes.append(f"{name}: median of {len(by[name])}, {fmt_num(got[0])}–{fmt_num(got[-1])}")
         for name, rec in (("etcd", e), ("raftvm", f)):
             if rec is None:
                 continue
@@ -782,7 +807,9 @@ def markdown(state, rows):
         f"Values {c['val_size']} B, key space {c['key_space']:,}, "
         + (f"each run {c['duration']}" if c.get("duration") else
            f"{c['ops']:,} ops per run ({c['ops_1client']:,} with 1 client)")
-        + ", `--conns` = " + (str(c["conns"]) if c.get("conns") else "min(clients, 16)") + ".")
+        + ", `--conns` = " + (str(c["conns"]) if c.get("conns") else "min(clients, 16)") + "."
+        + (f" Each workload ran {c['repeat']} times per system; a row shows each system's median run "
+           f"(ops/s and its p99) and the range in its notes." if c.get("repeat", 1) > 1 else ""))
     lines.append("")
     lines.append(md_table(rows))
     lines.append("")
@@ -822,13 +849,13 @@ def nice_step(span, target=5):
 
 def svg_plot(state):
     series = {}
-    for r in state["runs"]:
-        if r["workload_id"] != "put" or r["status"] != "ok":
+    for (wid, nodes, clients), by in runs_by_case(state).items():
+        if wid != "put":
             continue
-        ops = (r["result"] or {}).get("ops_per_sec")
-        if ops is None:
-            continue
-        series.setdefault((r["system"], r["nodes"]), []).append((r["clients"], ops))
+        for system, recs in by.items():
+            ops = ops_of(median_run(recs))
+            if ops is not None:
+                series.setdefault((system, nodes), []).append((clients, ops))
     W, H = 820, 480
     L, R, T, B = 85, 200, 55, 65
     pw, ph = W - L - R, H - T - B
@@ -979,13 +1006,15 @@ class Runner:
                 t0 = time.monotonic()
                 c.wait_ready(a.startup_timeout)
                 log(f"{c.label} ready in {time.monotonic() - t0:.1f}s: {','.join(c.endpoints)}")
-            for i, (wid, clients) in enumerate(cases(a)):
+            runs = [(wid, clients, k) for wid, clients in cases(a)
+                    for k in range(1 if wid == PREFILL else max(1, a.repeat))]
+            for i, (wid, clients, k) in enumerate(runs):
                 order = list(a.systems) if i % 2 == 0 else list(reversed(a.systems))
                 for s in order:
                     c = clusters[s]
                     workload, consistency = WORKLOADS.get(wid, ("put", None))
                     rec = {"system": s, "nodes": n, "workload_id": wid, "workload": workload,
-                           "consistency": consistency, "clients": clients}
+                           "consistency": consistency, "clients": clients, "repeat": k}
                     dead = c.dead()
                     if dead:
                         rec.update(status="error", error=dead)
