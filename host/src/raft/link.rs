@@ -330,34 +330,23 @@ mod tests {
         }
     }
 
-    /// Serve `echo` on a free loopback port until the returned sender is dropped or fired.
-    async fn serve(echo: Echo, listener: tokio::net::TcpListener) -> oneshot::Sender<()> {
-        let (stop, stopped) = oneshot::channel::<()>();
+    /// An [`Echo`] peer on a free loopback port (served until the test's runtime ends) and a
+    /// link to it.
+    async fn start(stream: bool) -> (Echo, Arc<PeerLink>) {
+        let echo = Echo { stream, ..Default::default() };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(RaftPeerServer::new(echo))
-                .serve_with_incoming_shutdown(incoming, async move {
-                    let _ = stopped.await;
-                }),
-        );
-        stop
-    }
-
-    async fn listener() -> (tokio::net::TcpListener, String) {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", l.local_addr().unwrap());
-        (l, url)
+        let server = tonic::transport::Server::builder().add_service(RaftPeerServer::new(echo.clone()));
+        tokio::spawn(server.serve_with_incoming(incoming));
+        (echo, Arc::new(PeerLink::new(crate::raft::network::peer_client(&url).unwrap())))
     }
 
     const T: Duration = Duration::from_secs(5);
 
     #[tokio::test]
     async fn small_calls_travel_on_the_stream_and_large_ones_as_unary_calls() {
-        let echo = Echo { stream: true, ..Default::default() };
-        let (l, url) = listener().await;
-        let _stop = serve(echo.clone(), l).await;
-        let link = PeerLink::new(crate::raft::network::peer_client(&url).unwrap());
+        let (echo, link) = start(true).await;
         for i in 0..20u8 {
             assert_eq!(link.call(CallKind::AppendEntries, vec![i; 100], T).await.unwrap(), vec![i; 100]);
         }
@@ -377,10 +366,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_peer_without_the_stream_gets_unary_calls() {
-        let echo = Echo { stream: false, ..Default::default() };
-        let (l, url) = listener().await;
-        let _stop = serve(echo.clone(), l).await;
-        let link = PeerLink::new(crate::raft::network::peer_client(&url).unwrap());
+        let (echo, link) = start(false).await;
         for i in 0..3u8 {
             assert_eq!(link.call(CallKind::AppendEntries, vec![i], T).await.unwrap(), vec![i]);
         }
@@ -390,10 +376,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_broken_stream_fails_its_calls_as_unknown_and_the_next_call_reopens_it() {
-        let echo = Echo { stream: true, ..Default::default() };
-        let (l, url) = listener().await;
-        let _stop = serve(echo.clone(), l).await;
-        let link = Arc::new(PeerLink::new(crate::raft::network::peer_client(&url).unwrap()));
+        let (echo, link) = start(true).await;
         assert_eq!(link.call(CallKind::AppendEntries, vec![1], T).await.unwrap(), vec![1]);
         // A call the peer holds, then the peer ends the stream: the caller cannot know
         // whether it acted, so the answer must not be Unavailable.
