@@ -537,7 +537,7 @@ def load_args(args, endpoints, keys):
     return a + ["--json"]
 
 
-def bench_args_for(args, workload_id, clients, endpoints):
+def bench_args_for(args, workload_id, clients, endpoints, repeat=0):
     if workload_id == PREFILL:
         return load_args(args, endpoints, args.key_space)
     workload, consistency = WORKLOADS[workload_id]
@@ -554,8 +554,9 @@ def bench_args_for(args, workload_id, clients, endpoints):
     a += ["--val-size", str(args.val_size), "--key-space", str(args.key_space)]
     if workload == "txn-put":
         # Keys nobody wrote yet: the first compare (mod revision 0) succeeds, later ones use the
-        # revision the client learned. On the prefilled keys nearly every compare would fail.
-        a += ["--key-prefix", f"raftvm-bench-txn-c{clients}/"]
+        # revision the client learned. On the prefilled keys nearly every compare would fail,
+        # and so on the keys of an earlier run: every repeat gets keys of its own.
+        a += ["--key-prefix", f"raftvm-bench-txn-c{clients}-r{repeat}/"]
     a.append("--json")
     return a
 
@@ -1023,7 +1024,7 @@ class Runner:
                         rec["loadavg_before"] = loadavg()
                         order = c.follower_first()
                         rec["endpoints"] = order
-                        bargs = bench_args_for(a, wid, clients, order)
+                        bargs = bench_args_for(a, wid, clients, order, k)
                         rec.update(run_bench(a, bargs, a.run_timeout))
                         dead = c.dead()
                         if dead:
