@@ -45,6 +45,11 @@ pub struct Shared {
     /// Lease deadlines (not replicated; see `lessor`), kept in step with the applied table.
     pub leases: Lessor,
     snapshot_seq: AtomicU64,
+    /// Held while `snapshot/current.{meta,data}` are written or read. openraft builds a
+    /// snapshot on a task of its own, so without it a leader could read the old meta and
+    /// the new data while sending a snapshot to a follower, which then refuses it (content
+    /// and metadata disagree) and stops.
+    snapshot_files: std::sync::Mutex<()>,
     /// Client commands this node is proposing or forwarding and has not answered yet.
     pub commands_in_flight: AtomicUsize,
 }
@@ -126,6 +131,7 @@ impl StateMachineStore {
                 events,
                 leases,
                 snapshot_seq: AtomicU64::new(seq),
+                snapshot_files: Default::default(),
                 commands_in_flight: AtomicUsize::new(0),
             }),
         })
@@ -142,6 +148,7 @@ impl StateMachineStore {
     fn save_snapshot(&self, meta: &SnapshotMeta, data: &[u8]) -> anyhow::Result<()> {
         let dir = self.snapshot_dir();
         std::fs::create_dir_all(&dir)?;
+        let _files = self.shared.snapshot_files.lock().expect("poisoned");
         write_atomic(&dir.join("current.data"), data)?;
         write_atomic(&dir.join("current.meta"), &crate::types::encode(meta))?;
         Ok(())
@@ -431,12 +438,33 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
         let dir = self.snapshot_dir();
-        let (Ok(meta), Ok(data)) = (std::fs::read(dir.join("current.meta")), std::fs::read(dir.join("current.data"))) else {
+        let files = {
+            let _files = self.shared.snapshot_files.lock().expect("poisoned");
+            (std::fs::read(dir.join("current.meta")), std::fs::read(dir.join("current.data")))
+        };
+        let (Ok(meta), Ok(data)) = files else {
             return Ok(None);
         };
         let meta: SnapshotMeta = crate::types::decode(&meta).map_err(|e| snap_err(ErrorVerb::Read, e))?;
-        Ok(Some(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
+        if snapshot_id_matches(&meta, &data) {
+            return Ok(Some(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }));
+        }
+        // The two files are from different snapshots (the process stopped between writing
+        // them). A follower would refuse this pair and stop, and openraft treats "no
+        // snapshot" as a storage failure: build a fresh one instead.
+        tracing::warn!(snapshot_id = meta.snapshot_id, "the saved snapshot's data and metadata disagree: building a new one");
+        let this = self.clone();
+        let built = tokio::task::spawn_blocking(move || this.build())
+            .await
+            .map_err(|e| snap_err(ErrorVerb::Read, e))?
+            .map_err(|e| snap_err(ErrorVerb::Read, e))?;
+        Ok(Some(built))
     }
+}
+
+/// A snapshot id ends with the first 16 hex digits of its data's sha256 (see `build`).
+fn snapshot_id_matches(meta: &SnapshotMeta, data: &[u8]) -> bool {
+    meta.snapshot_id.rsplit('-').next() == Some(&sha256_hex(data)[..16])
 }
 
 impl StateMachineStore {
@@ -509,5 +537,31 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             .await
             .map_err(|e| snap_err(ErrorVerb::Write, e))?
             .map_err(|e| snap_err(ErrorVerb::Write, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Saved snapshot files from two different snapshots (a stop between the two writes)
+    /// must never be handed out as one: a follower installing them would refuse the pair
+    /// and stop.
+    #[tokio::test]
+    async fn a_saved_snapshot_whose_files_disagree_is_rebuilt_not_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = StateMachineStore::open(dir.path()).unwrap();
+        let built = sm.build_snapshot().await.unwrap();
+        let served = sm.get_current_snapshot().await.unwrap().expect("a saved snapshot");
+        assert_eq!(served.meta.snapshot_id, built.meta.snapshot_id);
+
+        // The metadata of another snapshot beside this data.
+        let mut other = built.meta.clone();
+        other.snapshot_id = "1-226-0123456789abcdef".into();
+        std::fs::write(sm.snapshot_dir().join("current.meta"), crate::types::encode(&other)).unwrap();
+        let served = sm.get_current_snapshot().await.unwrap().expect("a snapshot");
+        let data = served.snapshot.into_inner();
+        assert_ne!(served.meta.snapshot_id, other.snapshot_id);
+        assert!(snapshot_id_matches(&served.meta, &data), "served {:?} with data it does not name", served.meta);
     }
 }
