@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use prost::Message;
 use openraft::ServerState;
+use prost::Message;
 use tokio::sync::{watch, Notify};
 
 use crate::api::etcd_kv::KV_MACHINE;
