@@ -686,17 +686,16 @@ def workload_label(wid):
     return f"{w} ({c})" if c else w
 
 
-def ratio_of(e, f):
-    """raftvm/etcd throughput of two run records, if both succeeded."""
-    if e and f and e["status"] == "ok" and f["status"] == "ok":
-        eo, fo = e["result"].get("ops_per_sec"), f["result"].get("ops_per_sec")
-        if eo and fo is not None:
-            return f"{fo / eo:.2f}x"
-    return "-"
-
-
 def ops_of(rec):
     return (rec.get("result") or {}).get("ops_per_sec") if rec and rec["status"] == "ok" else None
+
+
+def ratio_of(e, f):
+    """raftvm/etcd throughput of two run records, if both succeeded."""
+    eo, fo = ops_of(e), ops_of(f)
+    if eo and fo is not None:
+        return f"{fo / eo:.2f}x"
+    return "-"
 
 
 def median_run(recs):
@@ -1022,9 +1021,9 @@ class Runner:
                     else:
                         rec["settle_s"] = self.settle(list(clusters.values()))
                         rec["loadavg_before"] = loadavg()
-                        order = c.follower_first()
-                        rec["endpoints"] = order
-                        bargs = bench_args_for(a, wid, clients, order, k)
+                        endpoints = c.follower_first()
+                        rec["endpoints"] = endpoints
+                        bargs = bench_args_for(a, wid, clients, endpoints, k)
                         rec.update(run_bench(a, bargs, a.run_timeout))
                         dead = c.dead()
                         if dead:
