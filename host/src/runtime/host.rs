@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::storage::{machine_prefix, prefix_end, read_through, scan_through, ModuleRecord, Overlay, StateDb};
+use crate::storage::{machine_prefix, prefix_end, read_through, scan_through, Committed, ModuleRecord, Overlay, StateDb, StateView};
 use crate::storage::leases::{attach_key, get_lease};
 
 use super::bindings::raftvm::machine::{events, leases, log, store, types};
@@ -15,6 +15,10 @@ const MAX_SCAN: u32 = 10_000;
 pub struct HostState {
     machine: String,
     db: Arc<StateDb>,
+    /// What a read-only call reads: one snapshot for the whole call, so batches committed
+    /// meanwhile cannot tear its answer. `None` while applying: the apply loop is the only
+    /// writer, so the live store cannot change under it.
+    view: Option<StateView>,
     /// `machine name ++ 0x00`: prepended to every key the guest uses.
     prefix: Vec<u8>,
     prefix_end: Vec<u8>,
@@ -44,6 +48,7 @@ impl HostState {
         Self {
             machine: record.name.clone(),
             db,
+            view: None,
             prefix_end: prefix_end(&prefix),
             prefix,
             base: Overlay::default(),
@@ -67,7 +72,9 @@ impl HostState {
         self.oom.clone()
     }
 
+    /// Start a call. A read-only call reads a snapshot taken now (see `view`).
     pub(super) fn begin(&mut self, base: Overlay, writable: bool) {
+        self.view = (!writable).then(|| self.db.view());
         self.base = base;
         self.cmd = Overlay::default();
         self.events.clear();
@@ -117,12 +124,21 @@ impl HostState {
     /// host fault.
     pub(super) fn finish(&mut self) -> (Overlay, Overlay, Vec<(Vec<u8>, Vec<u8>)>, Option<anyhow::Error>) {
         self.writable = false;
+        self.view = None;
         (
             std::mem::take(&mut self.base),
             std::mem::take(&mut self.cmd),
             std::mem::take(&mut self.events),
             self.fault.take(),
         )
+    }
+
+    /// The committed state this call reads.
+    fn committed(&self) -> &dyn Committed {
+        match &self.view {
+            Some(v) => v,
+            None => &*self.db,
+        }
     }
 
     fn full_key(&self, key: &[u8]) -> Vec<u8> {
@@ -149,7 +165,7 @@ impl types::Host for HostState {}
 impl store::Host for HostState {
     fn get(&mut self, key: Vec<u8>) -> wasmtime::Result<Option<Vec<u8>>> {
         let full = self.full_key(&key);
-        match read_through(&self.db, &[&self.base, &self.cmd], &full) {
+        match read_through(self.committed(), &[&self.base, &self.cmd], &full) {
             Ok(v) => {
                 self.charge_reads(1, v.as_ref().map_or(0, Vec::len))?;
                 Ok(v)
@@ -176,7 +192,7 @@ impl store::Host for HostState {
         let s = self.full_key(&start);
         let e = if end.is_empty() { self.prefix_end.clone() } else { self.full_key(&end) };
         let limit = limit.min(MAX_SCAN) as usize;
-        match scan_through(&self.db, &[&self.base, &self.cmd], &s, &e, reverse, limit) {
+        match scan_through(self.committed(), &[&self.base, &self.cmd], &s, &e, reverse, limit) {
             Ok(rows) => {
                 let bytes = rows.iter().map(|(k, v)| k.len() + v.len()).sum();
                 self.charge_reads(rows.len().max(1), bytes)?;
@@ -201,7 +217,7 @@ impl leases::Host for HostState {
     // a lease granted earlier in the same batch is live, one revoked earlier is not. No
     // clock is involved, so every replica gives the same answer.
     fn is_live(&mut self, id: i64) -> wasmtime::Result<bool> {
-        match get_lease(&self.db, &[&self.base, &self.cmd], id) {
+        match get_lease(self.committed(), &[&self.base, &self.cmd], id) {
             Ok(rec) => Ok(rec.is_some()),
             Err(e) => self.host_fault(e),
         }

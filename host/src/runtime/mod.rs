@@ -538,6 +538,38 @@ mod tests {
         assert_eq!(count(rt.query_within("kv", &db, &one, slice).unwrap().unwrap().unwrap()), 1);
     }
 
+    /// A query makes several host reads (kv-mvcc: the current revision, then the key's index
+    /// record, then its value). A batch committed between two of them must not show: the
+    /// answer's revision is never below the revision of a key it returns.
+    #[test]
+    fn a_query_reads_one_state_while_batches_commit_under_it() {
+        let (_dir, db, rt) = kv_runtime();
+        let put = |i: u64| framed(TAG_PUT, &PutRequest { key: b"k".to_vec(), value: i.to_be_bytes().to_vec(), ..Default::default() });
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let get = framed(TAG_RANGE, &RangeRequest { key: b"k".to_vec(), ..Default::default() });
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for i in 1..=3_000u64 {
+                    let mut batch = PendingBatch::default();
+                    let ctx = ApplyContext { index: i, term: 1, timestamp_ms: 0 };
+                    rt.apply("kv", &db, &mut batch.data, ctx, &put(i)).unwrap().unwrap();
+                    db.commit(batch).unwrap();
+                }
+                done.store(true, std::sync::atomic::Ordering::Release);
+            });
+            let mut checked = 0;
+            while !done.load(std::sync::atomic::Ordering::Acquire) {
+                let r = RangeResponse::decode(rt.query("kv", &db, &get).unwrap().unwrap().as_slice()).unwrap();
+                let revision = r.header.unwrap().revision;
+                for kv in &r.kvs {
+                    assert!(kv.mod_revision <= revision, "after {checked} reads: key at revision {} in an answer at {revision}", kv.mod_revision);
+                }
+                checked += 1;
+            }
+            assert!(checked > 0, "the writer finished before any query ran");
+        });
+    }
+
     #[test]
     fn a_heavy_command_sends_its_machine_to_a_blocking_thread_until_it_is_light_again() {
         let (_dir, db, rt) = kv_runtime();

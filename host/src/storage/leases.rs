@@ -14,7 +14,7 @@
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::{prefix_end, read_through, scan_through, Overlay, StateDb};
+use super::{prefix_end, read_through, scan_through, Committed, Overlay, StateDb};
 use crate::types::{decode, encode};
 
 const LEASE_PREFIX: &[u8] = b"\x01lease\x00";
@@ -63,7 +63,7 @@ pub fn encode_lease(rec: &LeaseRecord) -> Vec<u8> {
 }
 
 /// Lease `id` as seen through `layers` (topmost last) over the committed state.
-pub fn get_lease(db: &StateDb, layers: &[&Overlay], id: i64) -> Result<Option<LeaseRecord>> {
+pub fn get_lease(db: &(impl Committed + ?Sized), layers: &[&Overlay], id: i64) -> Result<Option<LeaseRecord>> {
     match read_through(db, layers, &lease_key(id))? {
         Some(v) => Ok(Some(decode(&v).context("decoding lease record")?)),
         None => Ok(None),

@@ -17,6 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions, WriteBatch, DB};
@@ -128,11 +129,27 @@ impl StateDb {
     /// Up to `limit` committed entries of `data` with `start <= key < end`, ascending or
     /// descending. `end` must be non-empty.
     pub fn scan_data(&self, start: &[u8], end: &[u8], reverse: bool, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.scan_data_opt(ReadOptions::default(), start, end, reverse, limit)
+    }
+
+    /// A consistent view of the committed state as of now, unaffected by later commits.
+    pub fn view(self: &Arc<Self>) -> StateView {
+        StateView::new(self.clone(), |db| db.db.snapshot())
+    }
+
+    /// [`StateDb::scan_data`] with `ro` (which may pin a snapshot).
+    fn scan_data_opt(
+        &self,
+        mut ro: ReadOptions,
+        start: &[u8],
+        end: &[u8],
+        reverse: bool,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let mut out = Vec::new();
         if limit == 0 || start >= end {
             return Ok(out);
         }
-        let mut ro = ReadOptions::default();
         ro.set_iterate_lower_bound(start.to_vec());
         ro.set_iterate_upper_bound(end.to_vec());
         let mode = if reverse { IteratorMode::End } else { IteratorMode::From(start, Direction::Forward) };
@@ -399,8 +416,71 @@ impl PendingBatch {
     }
 }
 
+/// Reads of the committed `data` column family: the live store, or a [`StateView`].
+pub trait Committed {
+    fn get_data(&self, key: &[u8]) -> Result<Option<Vec<u8>>>;
+    /// See [`StateDb::scan_data`].
+    fn scan_data(&self, start: &[u8], end: &[u8], reverse: bool, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
+}
+
+impl Committed for StateDb {
+    fn get_data(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        StateDb::get_data(self, key)
+    }
+
+    fn scan_data(&self, start: &[u8], end: &[u8], reverse: bool, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        StateDb::scan_data(self, start, end, reverse, limit)
+    }
+}
+
+impl<T: Committed + ?Sized> Committed for Arc<T> {
+    fn get_data(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        (**self).get_data(key)
+    }
+
+    fn scan_data(&self, start: &[u8], end: &[u8], reverse: bool, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        (**self).scan_data(start, end, reverse, limit)
+    }
+}
+
+type Snap<'a> = rocksdb::Snapshot<'a>;
+
+self_cell::self_cell!(
+    /// A RocksDB snapshot of a [`StateDb`], owning the `Arc` that keeps the store open.
+    /// Queries read through one so that every read of a call sees the same applied
+    /// index while the apply loop keeps committing batches underneath.
+    pub struct StateView {
+        owner: Arc<StateDb>,
+        #[covariant]
+        dependent: Snap,
+    }
+);
+
+impl StateView {
+    pub fn db(&self) -> &Arc<StateDb> {
+        self.borrow_owner()
+    }
+
+    fn read_options(&self) -> ReadOptions {
+        let mut ro = ReadOptions::default();
+        ro.set_snapshot(self.borrow_dependent());
+        ro
+    }
+}
+
+impl Committed for StateView {
+    fn get_data(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let db = self.borrow_owner();
+        Ok(db.db.get_cf_opt(db.cf(CF_DATA), key, &self.read_options())?)
+    }
+
+    fn scan_data(&self, start: &[u8], end: &[u8], reverse: bool, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.borrow_owner().scan_data_opt(self.read_options(), start, end, reverse, limit)
+    }
+}
+
 /// Read `key` through the overlays (topmost first), then the committed store.
-pub fn read_through(db: &StateDb, layers: &[&Overlay], key: &[u8]) -> Result<Option<Vec<u8>>> {
+pub fn read_through(db: &(impl Committed + ?Sized), layers: &[&Overlay], key: &[u8]) -> Result<Option<Vec<u8>>> {
     for layer in layers.iter().rev() {
         if let Some(v) = layer.map.get(key) {
             return Ok(v.clone());
@@ -412,7 +492,7 @@ pub fn read_through(db: &StateDb, layers: &[&Overlay], key: &[u8]) -> Result<Opt
 /// Scan `start <= key < end` (end non-empty) through the overlays (later layers win) and
 /// the committed store, skipping deletions, at most `limit` entries.
 pub fn scan_through(
-    db: &StateDb,
+    db: &(impl Committed + ?Sized),
     layers: &[&Overlay],
     start: &[u8],
     end: &[u8],
