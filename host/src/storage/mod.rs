@@ -457,10 +457,6 @@ self_cell::self_cell!(
 );
 
 impl StateView {
-    pub fn db(&self) -> &Arc<StateDb> {
-        self.borrow_owner()
-    }
-
     fn read_options(&self) -> ReadOptions {
         let mut ro = ReadOptions::default();
         ro.set_snapshot(self.borrow_dependent());
