@@ -243,8 +243,8 @@ async fn install_default_kv(node: Arc<Node>, mut stopped: watch::Receiver<bool>)
                 let req = crate::types::Request::InstallDefault {
                     name: KV_MACHINE.to_string(),
                     wasm,
-                    fuel: crate::runtime::DEFAULT_FUEL,
-                    memory_bytes: crate::runtime::DEFAULT_MEMORY_BYTES,
+                    fuel: crate::runtime::KV_FUEL,
+                    memory_bytes: crate::runtime::KV_MEMORY_BYTES,
                 };
                 match node.propose(req).await {
                     Ok(_) => tracing::info!("installed the built-in kv machine"),

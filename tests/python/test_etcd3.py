@@ -396,6 +396,9 @@ def test_watch(clients):
     b.cancel_watch(wid)
     rev = a.put("/py/w/c", "x").header.revision
     a.compact(rev)
+    # c applies the compaction on its own time: a linearizable read on c waits for it
+    # (under load c still served the old history here, and the watch got events).
+    c.get("/py/w/c")
     put, take = _collector()
     c.add_watch_prefix_callback("/py/w/", put, start_revision=first)
     (err,) = take(1)

@@ -29,6 +29,8 @@ pub struct HostState {
     events: Vec<(Vec<u8>, Vec<u8>)>,
     writable: bool,
     memory_cap: usize,
+    /// Size the instance's linear memory has grown to (it never shrinks).
+    memory: usize,
     /// Set when the limiter refused memory growth: the reason reported to the client.
     oom: Option<String>,
     /// A failure of the node's own storage while the guest ran: the call must not count.
@@ -56,6 +58,7 @@ impl HostState {
             events: Vec::new(),
             writable: false,
             memory_cap: usize::try_from(record.memory_bytes).unwrap_or(usize::MAX),
+            memory: 0,
             oom: None,
             fault: None,
             read_budget: None,
@@ -66,6 +69,11 @@ impl HostState {
 
     pub(super) fn db(&self) -> &Arc<StateDb> {
         &self.db
+    }
+
+    /// Bytes of linear memory the instance holds (see `Runtime::keep_warm`).
+    pub(super) fn memory(&self) -> usize {
+        self.memory
     }
 
     pub(super) fn out_of_memory(&self) -> Option<String> {
@@ -262,6 +270,7 @@ impl wasmtime::ResourceLimiter for HostState {
             self.oom = Some(msg.clone());
             return Err(wasmtime::Error::msg(msg));
         }
+        self.memory = self.memory.max(desired);
         Ok(true)
     }
 

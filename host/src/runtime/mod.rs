@@ -48,10 +48,24 @@ pub const MAX_MODULE_BYTES: usize = 16 * 1024 * 1024;
 /// Default per-command fuel budget (~ instructions). Big enough for real work, small
 /// enough that an infinite loop fails in well under a second.
 pub const DEFAULT_FUEL: u64 = 500_000_000;
+/// Fuel budget of the built-in kv module, which a new cluster installs by itself. Its
+/// code is ours, so the budget only has to bound legitimate work: etcd serves a range or
+/// a delete of every key in one request, and kv-mvcc spends ~7,500 fuel per key doing so
+/// (measured on 150,000 keys: ~5 µs per key with its host reads, release build). 10G
+/// covers ~1.3M keys in one request, ~7 s of guest time, during which other writes wait
+/// for the apply as they do in etcd.
+pub const KV_FUEL: u64 = 10_000_000_000;
 /// Default linear-memory cap per instance.
 pub const DEFAULT_MEMORY_BYTES: u64 = 128 * 1024 * 1024;
+/// Linear-memory cap of the built-in kv module: a range answer is built in guest memory
+/// (the generic 128 MiB held ~100,000 keys of 256 B), and etcd answers ranges of hundreds
+/// of MB.
+pub const KV_MEMORY_BYTES: u64 = 1024 * 1024 * 1024;
 /// Number of warm query instances kept per machine.
 const QUERY_POOL: usize = 4;
+/// Linear memory never shrinks: an instance that grew past this (one huge range, say) is
+/// dropped after its call instead of being kept warm, so it does not hold the memory.
+const KEEP_WARM_MEMORY: usize = 64 * 1024 * 1024;
 
 /// The entry-specific facts a guest sees in `apply`.
 #[derive(Debug, Clone, Copy)]
@@ -285,6 +299,10 @@ impl Runtime {
     fn instantiate(&self, m: &Machine, db: Arc<StateDb>) -> Result<Warm, ApplyError> {
         let mut store = Store::new(&self.engine, HostState::new(&m.record, db));
         store.limiter(|s| s);
+        // The most a guest may hand the host in one call (an answer, a write): whatever
+        // fits in its memory. wasmtime's default, 128 MiB, would cap the kv module's answers
+        // below its memory cap.
+        store.set_hostcall_fuel(usize::try_from(m.record.memory_bytes).unwrap_or(usize::MAX));
         store.set_fuel(m.record.fuel).expect("fuel is enabled");
         match m.pre.instantiate(&mut store) {
             Ok(bindings) => Ok(Warm { store, bindings }),
@@ -357,11 +375,11 @@ impl Runtime {
         match result {
             Ok(Ok(out)) => {
                 batch.absorb(cmd);
-                *slot = Some(warm);
+                *slot = keep_warm(warm);
                 Ok(Ok((out, Effects { events })))
             }
             Ok(Err(msg)) => {
-                *slot = Some(warm);
+                *slot = keep_warm(warm);
                 Ok(Err(ApplyError::new(ApplyErrorKind::Rejected, msg)))
             }
             // The instance may be in any state after a trap: drop it.
@@ -439,9 +457,11 @@ impl Runtime {
         }
         match result {
             Ok(v) => {
-                let mut pool = m.readers.lock().expect("poisoned");
-                if pool.len() < QUERY_POOL {
-                    pool.push(warm);
+                if let Some(warm) = keep_warm(warm) {
+                    let mut pool = m.readers.lock().expect("poisoned");
+                    if pool.len() < QUERY_POOL {
+                        pool.push(warm);
+                    }
                 }
                 Ok(Some(Ok(v)))
             }
@@ -468,6 +488,12 @@ fn is_out_of_slice(store: &Store<HostState>, e: &wasmtime::Error) -> bool {
     store.data().over_read_budget() || matches!(e.downcast_ref::<wasmtime::Trap>(), Some(wasmtime::Trap::OutOfFuel))
 }
 
+/// `warm`, unless its linear memory grew past [`KEEP_WARM_MEMORY`]. The choice depends
+/// only on what the guest did, so every replica makes it alike.
+fn keep_warm(warm: Warm) -> Option<Warm> {
+    (warm.store.data().memory() <= KEEP_WARM_MEMORY).then_some(warm)
+}
+
 /// Turn a wasmtime error into the deterministic error every replica reports.
 fn classify(store: &Store<HostState>, e: wasmtime::Error) -> ApplyError {
     if let Some(msg) = store.data().out_of_memory() {
@@ -487,13 +513,16 @@ mod tests {
     use prost::Message;
 
     use super::*;
-    use crate::proto::etcdserverpb::{DeleteRangeRequest, DeleteRangeResponse, PutRequest, RangeRequest, RangeResponse};
+    use crate::proto::etcdserverpb::{
+        request_op, DeleteRangeRequest, DeleteRangeResponse, PutRequest, RangeRequest, RangeResponse, RequestOp, TxnRequest,
+    };
     use crate::storage::PendingBatch;
 
     /// kv-mvcc's command tags (see `api::etcd_kv`).
     const TAG_RANGE: u8 = 1;
     const TAG_PUT: u8 = 2;
     const TAG_DELETE: u8 = 3;
+    const TAG_TXN: u8 = 4;
 
     fn framed(tag: u8, msg: &impl Message) -> Vec<u8> {
         let mut b = vec![tag];
@@ -509,6 +538,55 @@ mod tests {
         let wasm = rt.validate(crate::server::DEFAULT_KV_MODULE).unwrap();
         rt.load(ModuleRecord::for_component("kv".into(), &wasm, DEFAULT_FUEL, DEFAULT_MEMORY_BYTES, 1), &wasm).unwrap();
         (dir, db, rt)
+    }
+
+    /// etcd answers `get --prefix ""` and `del --prefix ""` over every key in one request;
+    /// so must the built-in kv module within the limits the server installs it with. With
+    /// the generic ones (500M fuel, 128 MiB) a range of 50,000 keys and a delete of 90,000
+    /// ran out of fuel (these need ~750M each), and this range (a 150 MB answer) needs more
+    /// memory. The instance that grew that much is not kept warm.
+    #[test]
+    fn the_built_in_kv_budget_covers_a_range_and_a_delete_of_every_key() {
+        const KEYS: usize = 100_000;
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(StateDb::open(&dir.path().join("state")).unwrap());
+        let rt = Runtime::new(&dir.path().join("cache")).unwrap();
+        let wasm = rt.validate(crate::server::DEFAULT_KV_MODULE).unwrap();
+        rt.load(ModuleRecord::for_component("kv".into(), &wasm, KV_FUEL, KV_MEMORY_BYTES, 1), &wasm).unwrap();
+        let mut index = 0;
+        let mut apply = |cmd: &[u8]| {
+            let mut batch = PendingBatch::default();
+            index += 1;
+            let ctx = ApplyContext { index, term: 1, timestamp_ms: 0 };
+            let out = rt.apply("kv", &db, &mut batch.data, ctx, cmd).unwrap().unwrap().0;
+            db.commit(batch).unwrap();
+            out
+        };
+        // Loaded 1,000 puts per txn: the guest takes a txn of any size.
+        for chunk in (0..KEYS).collect::<Vec<_>>().chunks(1_000) {
+            let success = chunk
+                .iter()
+                .map(|i| RequestOp {
+                    request: Some(request_op::Request::RequestPut(PutRequest {
+                        key: format!("key-{i:07}").into_bytes(),
+                        value: vec![b'v'; 1_500],
+                        ..Default::default()
+                    })),
+                })
+                .collect();
+            apply(&framed(TAG_TXN, &TxnRequest { success, ..Default::default() }));
+        }
+        let all = RangeRequest { key: vec![0], range_end: vec![0], ..Default::default() };
+        let r = RangeResponse::decode(rt.query("kv", &db, &framed(TAG_RANGE, &all)).unwrap().unwrap().as_slice()).unwrap();
+        assert_eq!((r.count, r.kvs.len()), (KEYS as i64, KEYS));
+        assert_eq!(r.kvs[KEYS - 1].key, format!("key-{:07}", KEYS - 1).into_bytes());
+        let kv = rt.machine("kv").unwrap();
+        assert!(kv.readers.lock().unwrap().iter().all(|w| w.store.data().memory() <= KEEP_WARM_MEMORY));
+        let del = DeleteRangeRequest { key: vec![0], range_end: vec![0], ..Default::default() };
+        let d = DeleteRangeResponse::decode(apply(&framed(TAG_DELETE, &del)).as_slice()).unwrap();
+        assert_eq!(d.deleted, KEYS as i64);
+        let r = RangeResponse::decode(rt.query("kv", &db, &framed(TAG_RANGE, &all)).unwrap().unwrap().as_slice()).unwrap();
+        assert_eq!(r.count, 0);
     }
 
     #[test]
