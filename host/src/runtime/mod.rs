@@ -623,20 +623,19 @@ mod tests {
     fn a_query_reads_one_state_while_batches_commit_under_it() {
         let (_dir, db, rt) = kv_runtime();
         let put = |i: u64| framed(TAG_PUT, &PutRequest { key: b"k".to_vec(), value: i.to_be_bytes().to_vec(), ..Default::default() });
-        let done = std::sync::atomic::AtomicBool::new(false);
         let get = framed(TAG_RANGE, &RangeRequest { key: b"k".to_vec(), ..Default::default() });
         std::thread::scope(|s| {
-            s.spawn(|| {
+            // Joined when the scope ends, which re-raises a panic of the writer.
+            let writer = s.spawn(|| {
                 for i in 1..=3_000u64 {
                     let mut batch = PendingBatch::default();
                     let ctx = ApplyContext { index: i, term: 1, timestamp_ms: 0 };
                     rt.apply("kv", &db, &mut batch.data, ctx, &put(i)).unwrap().unwrap();
                     db.commit(batch).unwrap();
                 }
-                done.store(true, std::sync::atomic::Ordering::Release);
             });
             let mut checked = 0;
-            while !done.load(std::sync::atomic::Ordering::Acquire) {
+            while !writer.is_finished() {
                 let r = RangeResponse::decode(rt.query("kv", &db, &get).unwrap().unwrap().as_slice()).unwrap();
                 let revision = r.header.unwrap().revision;
                 for kv in &r.kvs {
