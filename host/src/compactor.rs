@@ -1,5 +1,5 @@
 //! etcd's `--auto-compaction-mode` / `--auto-compaction-retention`: the leader proposes
-//! `Compact` requests to the kv machine.
+//! `Compact` requests to the kv machine (in steps, see `api::etcd_kv::compact_kv`).
 //!
 //! - `revision`: every check interval (etcd: 5 minutes), compact to `current - retention`.
 //! - `periodic`: keep `retention` worth of history. The current revision is sampled every
@@ -12,13 +12,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use openraft::ServerState;
-use prost::Message;
 use tokio::sync::watch;
 
-use crate::api::etcd_kv::KV_MACHINE;
+use crate::api::etcd_kv::{compact_kv, kv_revision};
 use crate::node::Node;
-use crate::proto::etcdserverpb::{CompactionRequest, StatusRequest, StatusResponse};
-use crate::types::{Request, Response};
+use crate::proto::etcdserverpb::CompactionRequest;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Policy {
@@ -48,19 +46,15 @@ pub fn policy(mode: &str, retention: &str, revision_check: Duration) -> Result<O
 }
 
 async fn current_revision(node: &Node) -> Option<i64> {
-    let mut b = vec![7u8];
-    StatusRequest {}.encode(&mut b).ok()?;
-    let out = node.query(KV_MACHINE, b, false).await.ok()?.ok()?;
-    StatusResponse::decode(out.as_slice()).ok()?.header.map(|h| h.revision)
+    Some(kv_revision(node).await).filter(|&r| r > 0)
 }
 
 async fn compact(node: &Node, revision: i64) {
-    let mut payload = vec![5u8];
-    CompactionRequest { revision, physical: false }.encode(&mut payload).expect("Vec grows");
-    match node.propose(Request::Call { machine: KV_MACHINE.into(), payload, timestamp_ms: 0 }).await {
-        Ok((Response::Output(_), _)) => tracing::info!(revision, "auto-compacted"),
-        Ok((other, _)) => tracing::debug!(revision, "auto-compaction: {other:?}"),
-        Err(e) => tracing::warn!(revision, "auto-compaction: {e}"),
+    match compact_kv(node, &CompactionRequest { revision, physical: false }).await {
+        Ok(_) => tracing::info!(revision, "auto-compacted"),
+        // Already compacted that far (a new leader's first check, say).
+        Err(e) if e.code() == tonic::Code::OutOfRange => tracing::debug!(revision, "auto-compaction: {}", e.message()),
+        Err(e) => tracing::warn!(revision, "auto-compaction: {}", e.message()),
     }
 }
 
