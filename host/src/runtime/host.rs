@@ -31,6 +31,8 @@ pub struct HostState {
     memory_cap: usize,
     /// Size the instance's linear memory has grown to (it never shrinks).
     memory: usize,
+    /// `memory` right after instantiation (see `grown`).
+    baseline: usize,
     /// Set when the limiter refused memory growth: the reason reported to the client.
     oom: Option<String>,
     /// A failure of the node's own storage while the guest ran: the call must not count.
@@ -59,6 +61,7 @@ impl HostState {
             writable: false,
             memory_cap: usize::try_from(record.memory_bytes).unwrap_or(usize::MAX),
             memory: 0,
+            baseline: 0,
             oom: None,
             fault: None,
             read_budget: None,
@@ -71,9 +74,15 @@ impl HostState {
         &self.db
     }
 
-    /// Bytes of linear memory the instance holds (see `Runtime::keep_warm`).
-    pub(super) fn memory(&self) -> usize {
-        self.memory
+    /// Note the instance's memory as instantiated: what it needs anyway.
+    pub(super) fn set_baseline(&mut self) {
+        self.baseline = self.memory;
+    }
+
+    /// Bytes of linear memory the instance grew by since instantiation (see
+    /// `runtime::keep_warm`).
+    pub(super) fn grown(&self) -> usize {
+        self.memory - self.baseline
     }
 
     pub(super) fn out_of_memory(&self) -> Option<String> {

@@ -63,8 +63,10 @@ pub const DEFAULT_MEMORY_BYTES: u64 = 128 * 1024 * 1024;
 pub const KV_MEMORY_BYTES: u64 = 1024 * 1024 * 1024;
 /// Number of warm query instances kept per machine.
 const QUERY_POOL: usize = 4;
-/// Linear memory never shrinks: an instance that grew past this (one huge range, say) is
-/// dropped after its call instead of being kept warm, so it does not hold the memory.
+/// Linear memory never shrinks: an instance that grew by more than this since it was
+/// instantiated (one huge range, say) is dropped after its call instead of being kept
+/// warm, so it does not hold the memory. Measured from instantiation, so a module that
+/// starts big (an interpreter) is still kept warm.
 const KEEP_WARM_MEMORY: usize = 64 * 1024 * 1024;
 
 /// The entry-specific facts a guest sees in `apply`.
@@ -305,7 +307,10 @@ impl Runtime {
         store.set_hostcall_fuel(usize::try_from(m.record.memory_bytes).unwrap_or(usize::MAX));
         store.set_fuel(m.record.fuel).expect("fuel is enabled");
         match m.pre.instantiate(&mut store) {
-            Ok(bindings) => Ok(Warm { store, bindings }),
+            Ok(bindings) => {
+                store.data_mut().set_baseline();
+                Ok(Warm { store, bindings })
+            }
             Err(e) => Err(classify(&store, e)),
         }
     }
@@ -488,10 +493,10 @@ fn is_out_of_slice(store: &Store<HostState>, e: &wasmtime::Error) -> bool {
     store.data().over_read_budget() || matches!(e.downcast_ref::<wasmtime::Trap>(), Some(wasmtime::Trap::OutOfFuel))
 }
 
-/// `warm`, unless its linear memory grew past [`KEEP_WARM_MEMORY`]. The choice depends
-/// only on what the guest did, so every replica makes it alike.
+/// `warm`, unless its linear memory grew by more than [`KEEP_WARM_MEMORY`]. The choice
+/// depends only on what the guest did, so every replica makes it alike.
 fn keep_warm(warm: Warm) -> Option<Warm> {
-    (warm.store.data().memory() <= KEEP_WARM_MEMORY).then_some(warm)
+    (warm.store.data().grown() <= KEEP_WARM_MEMORY).then_some(warm)
 }
 
 /// Turn a wasmtime error into the deterministic error every replica reports.
@@ -581,7 +586,7 @@ mod tests {
         assert_eq!((r.count, r.kvs.len()), (KEYS as i64, KEYS));
         assert_eq!(r.kvs[KEYS - 1].key, format!("key-{:07}", KEYS - 1).into_bytes());
         let kv = rt.machine("kv").unwrap();
-        assert!(kv.readers.lock().unwrap().iter().all(|w| w.store.data().memory() <= KEEP_WARM_MEMORY));
+        assert!(kv.readers.lock().unwrap().iter().all(|w| w.store.data().grown() <= KEEP_WARM_MEMORY));
         let del = DeleteRangeRequest { key: vec![0], range_end: vec![0], ..Default::default() };
         let d = DeleteRangeResponse::decode(apply(&framed(TAG_DELETE, &del)).as_slice()).unwrap();
         assert_eq!(d.deleted, KEYS as i64);
