@@ -86,8 +86,9 @@ fn revision_auto_compaction_keeps_the_last_n_revisions() {
 
 /// kv-mvcc compacts every key changed since the previous compaction in one guest call,
 /// ~15,000 fuel per key. With the module reinstalled on a 200M budget, one call cannot
-/// compact 30,000 changed keys (~450M); the host compacts in steps of 10,000 revisions,
-/// so the request still succeeds, and leaves the store as one compaction would.
+/// compact 30,000 changed keys (~450M); the host compacts in steps of a few thousand
+/// revisions (`api::etcd_kv::compact_kv`), so the request still succeeds, and leaves the
+/// store as one compaction would.
 #[test]
 fn a_compaction_past_the_kv_budget_runs_in_steps() {
     let c = Cluster::builder(1).start();

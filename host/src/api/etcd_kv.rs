@@ -151,7 +151,7 @@ pub async fn kv_query<R: Message + Default>(node: &Node, tag: u8, msg: &impl Mes
 /// Revisions a compaction step covers at first (see [`compact_kv`]). kv-mvcc compacts in
 /// one guest call every key changed since the previous compaction, 15,000–25,000 fuel per
 /// key (measured): 5,000 single-key revisions fit the generic 500M budget four times over.
-pub const COMPACT_STEP: i64 = 5_000;
+const COMPACT_STEP: i64 = 5_000;
 
 /// Propose a kv command and decode its answer.
 async fn propose_kv<R: Message + Default>(node: &Node, tag: u8, msg: &impl Message) -> Result<R, Status> {
@@ -183,7 +183,7 @@ async fn kv_compacted(node: &Node) -> Result<i64, Status> {
 /// is skipped. A target above the current revision, or not above the compacted one, goes
 /// straight to the guest for etcd's error, with nothing compacted.
 pub async fn compact_kv(node: &Node, r: &CompactionRequest) -> Result<CompactionResponse, Status> {
-    let current = kv_query::<StatusResponse>(node, TAG_STATUS, &StatusRequest {}, true).await?.header.map_or(0, |h| h.revision);
+    let current = kv_status_revision(node, true).await?;
     let mut done = if r.revision <= current { kv_compacted(node).await? } else { r.revision };
     let mut step = COMPACT_STEP;
     loop {
@@ -205,10 +205,15 @@ pub async fn compact_kv(node: &Node, r: &CompactionRequest) -> Result<Compaction
     }
 }
 
+/// The `kv` machine's current revision, after a read-index barrier if `linearizable`.
+async fn kv_status_revision(node: &Node, linearizable: bool) -> Result<i64, Status> {
+    let status = kv_query::<StatusResponse>(node, TAG_STATUS, &StatusRequest {}, linearizable).await?;
+    Ok(status.header.map_or(0, |h| h.revision))
+}
+
 /// The `kv` machine's current revision on this node (0 before it is installed).
 pub async fn kv_revision(node: &Node) -> i64 {
-    let status = kv_query::<StatusResponse>(node, TAG_STATUS, &StatusRequest {}, false).await;
-    status.ok().and_then(|r| r.header).map_or(0, |h| h.revision)
+    kv_status_revision(node, false).await.unwrap_or(0)
 }
 
 impl KvService {

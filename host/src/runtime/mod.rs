@@ -537,11 +537,16 @@ mod tests {
 
     /// A state store and a runtime with the built-in kv-mvcc loaded as `kv`.
     fn kv_runtime() -> (tempfile::TempDir, Arc<StateDb>, Runtime) {
+        kv_runtime_with(DEFAULT_FUEL, DEFAULT_MEMORY_BYTES)
+    }
+
+    /// [`kv_runtime`] with the kv module's fuel and memory limits given.
+    fn kv_runtime_with(fuel: u64, memory_bytes: u64) -> (tempfile::TempDir, Arc<StateDb>, Runtime) {
         let dir = tempfile::tempdir().unwrap();
         let db = Arc::new(StateDb::open(&dir.path().join("state")).unwrap());
         let rt = Runtime::new(&dir.path().join("cache")).unwrap();
         let wasm = rt.validate(crate::server::DEFAULT_KV_MODULE).unwrap();
-        rt.load(ModuleRecord::for_component("kv".into(), &wasm, DEFAULT_FUEL, DEFAULT_MEMORY_BYTES, 1), &wasm).unwrap();
+        rt.load(ModuleRecord::for_component("kv".into(), &wasm, fuel, memory_bytes, 1), &wasm).unwrap();
         (dir, db, rt)
     }
 
@@ -553,11 +558,7 @@ mod tests {
     #[test]
     fn the_built_in_kv_budget_covers_a_range_and_a_delete_of_every_key() {
         const KEYS: usize = 100_000;
-        let dir = tempfile::tempdir().unwrap();
-        let db = Arc::new(StateDb::open(&dir.path().join("state")).unwrap());
-        let rt = Runtime::new(&dir.path().join("cache")).unwrap();
-        let wasm = rt.validate(crate::server::DEFAULT_KV_MODULE).unwrap();
-        rt.load(ModuleRecord::for_component("kv".into(), &wasm, KV_FUEL, KV_MEMORY_BYTES, 1), &wasm).unwrap();
+        let (_dir, db, rt) = kv_runtime_with(KV_FUEL, KV_MEMORY_BYTES);
         let mut index = 0;
         let mut apply = |cmd: &[u8]| {
             let mut batch = PendingBatch::default();
