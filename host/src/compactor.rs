@@ -1,5 +1,6 @@
 //! etcd's `--auto-compaction-mode` / `--auto-compaction-retention`: the leader proposes
-//! `Compact` requests to the kv machine (in steps, see `api::etcd_kv::compact_kv`).
+//! `Compact` requests to the kv machine (its history is then removed in steps, see
+//! `api::etcd_kv::compact_kv`).
 //!
 //! - `revision`: every check interval (etcd: 5 minutes), compact to `current - retention`.
 //! - `periodic`: keep `retention` worth of history. The current revision is sampled every
@@ -49,8 +50,9 @@ async fn current_revision(node: &Node) -> Option<i64> {
     Some(kv_revision(node).await).filter(|&r| r > 0)
 }
 
-async fn compact(node: &Node, revision: i64) {
-    match compact_kv(node, &CompactionRequest { revision, physical: false }).await {
+async fn compact(node: &Arc<Node>, revision: i64) {
+    // Physical: the next check waits until this compaction's history is gone.
+    match compact_kv(node, &CompactionRequest { revision, physical: true }).await {
         Ok(_) => tracing::info!(revision, "auto-compacted"),
         // Already compacted that far (a new leader's first check, say).
         Err(e) if e.code() == tonic::Code::OutOfRange => tracing::debug!(revision, "auto-compaction: {}", e.message()),

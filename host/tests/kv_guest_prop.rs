@@ -1,6 +1,6 @@
 //! Property test of the built-in kv-mvcc *component* through the host runtime (no Raft).
 //!
-//! Random sequences of Put / DeleteRange / Txn / Compact / Range / HashKV (and a few
+//! Random sequences of Put / DeleteRange / Txn / Compact (and its steps) / Range / HashKV (and a few
 //! malformed commands) run three ways, and every answer must agree:
 //!
 //! * (a) the compiled component `raftvm::server::DEFAULT_KV_MODULE` in the host
@@ -468,7 +468,10 @@ enum Op {
     Delete(DeleteRangeRequest),
     Range(RangeRequest),
     Txn(TxnRequest),
+    /// The Compact request alone; its history is removed by ...
     Compact(i64),
+    /// ... compaction steps of this many work units (which change no answer).
+    CompactStep(u32),
     HashKv(i64),
     /// Raw bytes given to both `apply` and `query` (malformed or misplaced commands).
     Raw(Vec<u8>),
@@ -599,7 +602,8 @@ fn raw() -> impl Strategy<Value = Vec<u8>> {
     prop::sample::select(vec![
         vec![],                                                       // empty command
         vec![0],                                                      // unknown tag
-        vec![9, 1, 2],                                                // unknown tag
+        vec![9, 1, 2],                                                // malformed compaction step
+        vec![10],                                                     // unknown tag
         encode(command::TAG_HASH_KV, &HashKvRequest { revision: 0 }), // query-only tag in apply
         encode(command::TAG_STATUS, &StatusRequest {}),               // query-only tag in apply
         encode(command::TAG_PUT, &PutRequest { key: b"a".to_vec(), value: b"q".to_vec(), ..Default::default() }), // apply-only tag in query
@@ -616,6 +620,7 @@ fn op() -> impl Strategy<Value = Op> {
         4 => range_req().prop_map(Op::Range),
         4 => txn_req(2).prop_map(Op::Txn),
         1 => (-1i64..16).prop_map(Op::Compact),
+        1 => (1u32..4).prop_map(Op::CompactStep),
         1 => (-1i64..16).prop_map(Op::HashKv),
         1 => raw().prop_map(Op::Raw),
     ]
@@ -857,6 +862,14 @@ impl<'r> Harness<'r> {
                 self.check_write::<CompactionResponse>(command::TAG_COMPACTION, &req, want)
             }
             Op::Range(r) => self.range(r),
+            Op::CompactStep(units) => {
+                let mut cmd = vec![command::TAG_COMPACT_STEP];
+                cmd.extend_from_slice(&command::compact_step_body(*units));
+                let (got, events) = self.apply_both(&cmd)?;
+                prop_assert!(matches!(got.as_deref(), Ok([0] | [1])), "compaction step answered {:?}", got);
+                prop_assert!(events.is_empty());
+                Ok(())
+            }
             Op::HashKv(rev) => self.hash_kv(*rev),
             Op::Raw(bytes) => {
                 let (got, events) = self.apply_both(bytes)?;
@@ -989,7 +1002,7 @@ fn generators_cover_outcomes() {
                     }
                 }),
                 Op::Compact(rev) => m.compact(*rev).map(|_| "compact"),
-                Op::HashKv(_) | Op::Raw(_) => Ok("other"),
+                Op::HashKv(_) | Op::Raw(_) | Op::CompactStep(_) => Ok("other"),
             };
             seen.insert(match outcome {
                 Ok(what) => what.to_string(),

@@ -13,6 +13,11 @@
 //! | 6   | `HashKVRequest`      | `HashKVResponse`     | no    | yes   |
 //! | 7   | `StatusRequest`      | `StatusResponse` (only header.revision) | no | yes |
 //! | 8   | `WatchCreateRequest` | `WatchResponse` (watch history: header.revision, events or compact_revision) | no | yes |
+//! | 9   | compaction step: empty, or a 4-byte big-endian count of work units | one byte: 1 if compaction work remains, 0 if not | yes | no |
+//!
+//! A `CompactionRequest` makes the compaction visible at once; the host then
+//! applies compaction steps (tag 9, each its own log entry) until one answers
+//! 0. See [`mvcc::compact_step`].
 
 use prost::Message;
 
@@ -32,6 +37,7 @@ pub const TAG_COMPACTION: u8 = 5;
 pub const TAG_HASH_KV: u8 = 6;
 pub const TAG_STATUS: u8 = 7;
 pub const TAG_WATCH_HISTORY: u8 = 8;
+pub const TAG_COMPACT_STEP: u8 = 9;
 
 /// `tag` followed by `msg`'s protobuf encoding.
 pub fn encode(tag: u8, msg: &impl Message) -> Vec<u8> {
@@ -52,7 +58,22 @@ fn decode<M: Message + Default>(name: &str, body: &[u8]) -> Result<M> {
     M::decode(body).map_err(|e| Error::BadCommand(format!("malformed {name}: {e}")))
 }
 
-/// `apply`: tags 1-5.
+/// The body of a compaction step (tag 9) of `units` work units.
+pub fn compact_step_body(units: u32) -> [u8; 4] {
+    units.to_be_bytes()
+}
+
+fn compact_step_units(body: &[u8]) -> Result<u32> {
+    match body.len() {
+        0 => Ok(mvcc::COMPACT_STEP_UNITS),
+        4 => Ok(u32::from_be_bytes(body.try_into().expect("4 bytes"))),
+        n => Err(Error::BadCommand(format!(
+            "malformed compaction step: {n} bytes, want 0 or 4"
+        ))),
+    }
+}
+
+/// `apply`: tags 1-5 and 9.
 pub fn apply<S, L, E>(s: &mut S, leases: &mut L, events: &mut E, command: &[u8]) -> Result<Vec<u8>>
 where
     S: Store + ?Sized,
@@ -85,6 +106,10 @@ where
         TAG_COMPACTION => {
             mvcc::compact_request(s, &decode::<CompactionRequest>("CompactionRequest", body)?)?
                 .encode_to_vec()
+        }
+        TAG_COMPACT_STEP => {
+            let more = mvcc::compact_step(s, compact_step_units(body)?)?;
+            vec![u8::from(more)]
         }
         other => {
             return Err(Error::BadCommand(format!(

@@ -6,6 +6,7 @@
 //! |-----------------------------------------|-----------------------------------------|
 //! | `m/rev`                                 | current main revision, 8 bytes BE (absent = 1) |
 //! | `m/compact`                             | compacted revision, 8 bytes BE i64 (absent = -1, never compacted) |
+//! | `m/compact-todo`                        | [`CompactTodo`]: physical compaction still to do (absent = none) |
 //! | `k/` + user key                         | [`IndexEntry`]: 40 bytes, the key's latest live revision |
 //! | `h/` + esc(user key) + main + sub       | `mvccpb.KeyValue` without its key (a put), or the single byte `0x00` (a delete) |
 //! | `r/` + main + sub                       | user key (revision-ordered pointer into `h/`) |
@@ -23,10 +24,17 @@
 //! * Reads at a past revision R: walk the distinct keys of `h/[key, end)`;
 //!   for each, a reverse scan of `h/esc(key)` below `(R+1, 0)` with limit 1
 //!   gives the key's state at R (a tombstone or nothing means absent).
-//! * Compaction at C: the keys changed since the previous compaction are found
-//!   through `r/` (revision order); for each, every `h/`+`r/` record at or
-//!   below C is removed except the newest one if it is a put.
-//! * Watches from a past revision: `r/` lists every change in revision order.
+//! * Compaction at C: `m/compact` becomes C at once (reads below C fail from
+//!   then on), and `m/compact-todo` records the physical work. Compaction
+//!   steps then walk `r/` (revision order) from the previous compaction on;
+//!   for each key it names, they remove every `h/` record at or below C
+//!   except the newest one if it is a put, oldest first, and they remove the
+//!   `r/` records they pass (below C nothing reads them; at C one stays while
+//!   its change does), a bounded number of records per step. Until the work
+//!   is done, records at or below C that compaction will remove may still be
+//!   there; every reader skips them (see `mvcc::compact_step`).
+//! * Watches from a past revision: `r/` lists every change from the compacted
+//!   revision on, in revision order.
 
 /// Prefix of the index family (`k/`) and its exclusive end.
 pub const INDEX: &[u8] = b"k/";
@@ -40,6 +48,7 @@ pub const REVS_END: &[u8] = b"r0";
 /// Metadata keys.
 pub const META_REV: &[u8] = b"m/rev";
 pub const META_COMPACT: &[u8] = b"m/compact";
+pub const META_COMPACT_TODO: &[u8] = b"m/compact-todo";
 
 /// A revision: `main` is the store revision of a write request, `sub` orders
 /// the changes inside it (a txn makes several).
@@ -103,6 +112,48 @@ impl IndexEntry {
             create_revision: i(16..24),
             version: i(24..32),
             lease: i(32..40),
+        })
+    }
+}
+
+/// Physical compaction in progress: `m/compact-todo`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompactTodo {
+    /// Remove history at or below this revision (the latest compaction's).
+    pub target: i64,
+    /// The `r/` position to go on from: every key with a change in `r/`
+    /// below it is compacted to `target` (or is `key`).
+    pub next: Rev,
+    /// A key whose history a step began to remove but did not finish.
+    pub key: Option<Vec<u8>>,
+}
+
+impl CompactTodo {
+    /// target (8 bytes BE), next (16), then 0x01 + key, or nothing.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(25 + self.key.as_ref().map_or(0, Vec::len));
+        b.extend_from_slice(&self.target.to_be_bytes());
+        b.extend_from_slice(&self.next.to_bytes());
+        if let Some(k) = &self.key {
+            b.push(1);
+            b.extend_from_slice(k);
+        }
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Option<CompactTodo> {
+        if b.len() < 24 {
+            return None;
+        }
+        let key = match b.get(24) {
+            None => None,
+            Some(1) => Some(b[25..].to_vec()),
+            Some(_) => return None,
+        };
+        Some(CompactTodo {
+            target: i64::from_be_bytes(b[..8].try_into().ok()?),
+            next: Rev::from_bytes(&b[8..24])?,
+            key,
         })
     }
 }
@@ -221,6 +272,16 @@ mod tests {
         };
         assert_eq!(IndexEntry::decode(&e.encode()), Some(e));
         assert_eq!(IndexEntry::decode(&[0; 39]), None);
+        for key in [None, Some(Vec::new()), Some(b"k\0".to_vec())] {
+            let t = CompactTodo {
+                target: 12,
+                next: Rev::new(7, 2),
+                key,
+            };
+            assert_eq!(CompactTodo::decode(&t.encode()), Some(t));
+        }
+        assert_eq!(CompactTodo::decode(&[0; 23]), None);
+        assert_eq!(CompactTodo::decode(&[[0; 24].as_slice(), &[2]].concat()), None);
         assert_eq!(
             parse_rev_key(&rev_key(Rev::new(9, 1))),
             Some(Rev::new(9, 1))

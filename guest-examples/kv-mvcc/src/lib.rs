@@ -9,11 +9,13 @@
 //! ```text
 //! m/rev                       current revision (absent: 1)
 //! m/compact                   compacted revision (absent: -1)
+//! m/compact-todo              physical compaction still to do (absent: none)
 //! k/<key>                     latest live state of <key>, 40 bytes:
 //!                             mod (main, sub), create_revision, version, lease
 //! h/<esc key><main><sub>      history: mvccpb.KeyValue (key left out) of a put,
 //!                             0x00 for a delete
-//! r/<main><sub>               <key>: every change in revision order
+//! r/<main><sub>               <key>: every change from the compacted revision
+//!                             on, in revision order
 //! ```
 //!
 //!   Latest reads scan `k/` only (plus one `get` per returned value); reads at

@@ -1389,9 +1389,10 @@ fn compaction() {
     compact(&mut n, 7).unwrap();
     assert_eq!(at(&mut n, 7).unwrap(), before[3]);
     assert_eq!(at(&mut n, 6).unwrap_err(), COMPACTED);
-    // Only the latest version of each live key remains: 2 keys x (k/, h/, r/)
-    // records + m/rev + m/compact.
-    assert_eq!(n.store.map.len(), 2 * 3 + 2);
+    // Only the latest version of each live key remains: 2 keys x (k/, h/)
+    // records, the r/ record of a's put at 7 (c's at 6 is below the compacted
+    // revision, where nothing reads r/), m/rev and m/compact.
+    assert_eq!(n.store.map.len(), 2 * 2 + 1 + 2);
     // Writing on continues normally.
     put(&mut n, "a", "4");
     assert_eq!(get(&mut n, "a").kvs, vec![kv("a", "4", 2, 8, 4, 0)]);
@@ -1408,6 +1409,56 @@ fn compaction_of_a_fresh_store() {
     assert_eq!(compact(&mut n, 0).unwrap_err(), COMPACTED);
     put(&mut n, "a", "1");
     assert_eq!(get(&mut n, "a").kvs, vec![kv("a", "1", 2, 2, 1, 0)]);
+}
+
+/// A compaction removes its history in bounded steps: one revision that
+/// deleted 300 keys, and one key with 300 versions, each take several steps,
+/// and reads answer the same before, between and after them.
+#[test]
+fn compaction_runs_in_bounded_steps() {
+    let mut n = MemNode::new();
+    for i in 0..300 {
+        put(&mut n, &format!("k{i:03}"), "v"); // 2..=301
+    }
+    let gone = del_req(
+        &mut n,
+        DeleteRangeRequest {
+            key: "k".into(),
+            range_end: "l".into(),
+            ..Default::default()
+        },
+    )
+    .unwrap(); // 302
+    assert_eq!((gone.deleted, rev_of(&gone.header)), (300, 302));
+    for i in 0..300 {
+        put(&mut n, "hot", &i.to_string()); // 303..=602
+    }
+    put(&mut n, "last", "1"); // 603
+    let reads = |n: &mut MemNode| {
+        let all = |rev| RangeRequest {
+            revision: rev,
+            ..rr("\0", "\0")
+        };
+        let at = [602, 603].map(|r| range(n, all(r)).unwrap());
+        (at, hash_kv(n, 0).unwrap(), hash_kv(n, 603).unwrap())
+    };
+
+    compact_only(&mut n, 602).unwrap();
+    assert!(n.store.map.contains_key(kv_mvcc::layout::META_COMPACT_TODO));
+    let before = reads(&mut n);
+    assert_eq!(before.0[0].count, 1, "only hot is live at 602");
+    let records = n.store.map.len();
+    let mut steps = 0;
+    while compact_step(&mut n, Some(50)) {
+        steps += 1;
+        assert_eq!(reads(&mut n), before, "after step {steps}");
+    }
+    // 300 keys' two records, 300 versions of one key, 50 units a step.
+    assert!(steps >= 12, "{steps} steps");
+    assert_eq!(reads(&mut n), before);
+    // Left: hot's and last's k/, h/, r/ records, m/rev and m/compact.
+    assert_eq!(n.store.map.len(), 2 * 3 + 2, "from {records} records");
+    assert!(!compact_step(&mut n, Some(50)), "nothing left to do");
 }
 
 #[test]
@@ -1565,8 +1616,9 @@ fn query_accepts_only_reads() {
     for tag in [
         command::TAG_DELETE_RANGE,
         command::TAG_COMPACTION,
+        command::TAG_COMPACT_STEP,
         0,
-        9,
+        10,
         255,
     ] {
         assert!(
@@ -1579,7 +1631,7 @@ fn query_accepts_only_reads() {
         command::TAG_STATUS,
         command::TAG_WATCH_HISTORY,
         0,
-        9,
+        10,
         255,
     ] {
         assert!(
@@ -1587,6 +1639,8 @@ fn query_accepts_only_reads() {
             "tag {tag}"
         );
     }
+    let e = n.apply(&[command::TAG_COMPACT_STEP, 1, 2]).unwrap_err();
+    assert!(e.starts_with("raftvm: malformed compaction step"), "{e}");
     assert_eq!(n.apply(&[]).unwrap_err(), "raftvm: empty command");
     assert_eq!(n.query(&[]).unwrap_err(), "raftvm: empty command");
     let e = n.apply(&[command::TAG_PUT, 0xFF, 0xFF]).unwrap_err();

@@ -17,7 +17,7 @@ use super::{etcd_status, kv_error_status, node_status};
 use crate::node::Node;
 use crate::proto::etcdserverpb::kv_server::Kv;
 use crate::proto::etcdserverpb::*;
-use crate::types::{Request as LogRequest, Response as LogResponse};
+use crate::types::{ApplyError, ApplyErrorKind, Request as LogRequest, Response as LogResponse};
 
 /// The machine that serves etcd's key space.
 pub const KV_MACHINE: &str = "kv";
@@ -28,6 +28,7 @@ const TAG_PUT: u8 = 2;
 const TAG_DELETE: u8 = 3;
 const TAG_TXN: u8 = 4;
 const TAG_COMPACT: u8 = 5;
+const TAG_COMPACT_STEP: u8 = 9;
 pub const TAG_HASH_KV: u8 = 6;
 pub const TAG_STATUS: u8 = 7;
 
@@ -148,59 +149,66 @@ pub async fn kv_query<R: Message + Default>(node: &Node, tag: u8, msg: &impl Mes
     }
 }
 
-/// Revisions a compaction step covers at first (see [`compact_kv`]). kv-mvcc compacts in
-/// one guest call every key changed since the previous compaction, 15,000–25,000 fuel per
-/// key (measured): 5,000 single-key revisions fit the generic 500M budget four times over.
-const COMPACT_STEP: i64 = 5_000;
+/// Work units of a compaction step (kv-mvcc's default): about one record read each. A
+/// unit cost 8,000–16,000 fuel when removing deleted keys (measured), so a step stays
+/// under ~16M fuel and holds the apply loop ~10–15 ms (release build), much as etcd's
+/// compaction batches of 1,000 keys hold its backend.
+const COMPACT_STEP_UNITS: u32 = 1_000;
 
 /// Propose a kv command and decode its answer.
 async fn propose_kv<R: Message + Default>(node: &Node, tag: u8, msg: &impl Message) -> Result<R, Status> {
-    let call = LogRequest::Call { machine: KV_MACHINE.to_string(), payload: frame(tag, msg), timestamp_ms: 0 };
-    let (resp, _) = node.propose(call).await.map_err(node_status)?;
-    match resp {
-        LogResponse::Output(b) => R::decode(b.as_slice()).map_err(|e| Status::internal(format!("kv machine answered garbage: {e}"))),
-        LogResponse::Failed(e) => Err(kv_error_status(e)),
+    let out = propose_kv_raw(node, frame(tag, msg)).await?.map_err(kv_error_status)?;
+    R::decode(out.as_slice()).map_err(|e| Status::internal(format!("kv machine answered garbage: {e}")))
+}
+
+/// Propose a kv command: the guest's bytes or its error.
+async fn propose_kv_raw(node: &Node, payload: Vec<u8>) -> Result<Result<Vec<u8>, ApplyError>, Status> {
+    let call = LogRequest::Call { machine: KV_MACHINE.to_string(), payload, timestamp_ms: 0 };
+    match node.propose(call).await.map_err(node_status)?.0 {
+        LogResponse::Output(b) => Ok(Ok(b)),
+        LogResponse::Failed(e) => Ok(Err(e)),
         other => Err(Status::internal(format!("unexpected apply result {other:?}"))),
     }
 }
 
-/// The kv machine's compacted revision, as a watch from revision 1 finds it (after a
-/// read-index barrier); 0 if nothing past revision 1 was compacted. When nothing was, the
-/// probe reads a bounded chunk of history (kv-mvcc stops after 1,000 events).
-async fn kv_compacted(node: &Node) -> Result<i64, Status> {
-    let probe = WatchCreateRequest { key: vec![0], range_end: vec![0], start_revision: 1, ..Default::default() };
-    let r: WatchResponse = kv_query(node, super::etcd_watch::TAG_WATCH_HISTORY, &probe, true).await?;
-    Ok(r.compact_revision)
+/// etcd's Compact on the kv machine. The compaction itself is one log entry: reads below
+/// `r.revision` fail from then on. Removing the history is left to compaction steps
+/// ([`finish_compaction`]), each a log entry of bounded work, so no history is too long
+/// to compact within the module's budget. As in etcd, `physical` answers once the history
+/// is gone; otherwise the steps run after the answer.
+pub async fn compact_kv(node: &Arc<Node>, r: &CompactionRequest) -> Result<CompactionResponse, Status> {
+    let resp = propose_kv::<CompactionResponse>(node, TAG_COMPACT, r).await?;
+    if r.physical {
+        finish_compaction(node).await?;
+    } else {
+        let node = node.clone();
+        tokio::spawn(async move {
+            if let Err(e) = finish_compaction(&node).await {
+                tracing::warn!("compaction steps stopped, the next compaction goes on: {}", e.message());
+            }
+        });
+    }
+    Ok(resp)
 }
 
-/// Compact the kv machine to `r.revision` in steps, each its own log entry, so that a long
-/// stretch of history does not outgrow the module's fuel budget in one call (etcd
-/// compacts in batches too). Steps start at [`COMPACT_STEP`] revisions past what is
-/// compacted already; a step that runs out of fuel or memory changed nothing and is
-/// retried at half the size, down to one revision (steps grow back after that). Every
-/// step keeps each key's newest record at or below its revision, so the store ends as one
-/// compaction to `r.revision` would leave it; a step someone else's compaction overtook
-/// is skipped. A target above the current revision, or not above the compacted one, goes
-/// straight to the guest for etcd's error, with nothing compacted.
-pub async fn compact_kv(node: &Node, r: &CompactionRequest) -> Result<CompactionResponse, Status> {
-    let current = kv_status_revision(node, true).await?;
-    let mut done = if r.revision <= current { kv_compacted(node).await? } else { r.revision };
-    let mut step = COMPACT_STEP;
+/// Proposes kv compaction steps until one reports that no work is left. A step that runs
+/// out of fuel or memory changed nothing; it is retried at half the size (steps grow back
+/// after that). A kv module from before compaction steps compacts in the request itself
+/// and refuses the step's tag: nothing to do then.
+async fn finish_compaction(node: &Node) -> Result<(), Status> {
+    let mut units = COMPACT_STEP_UNITS;
     loop {
-        let last = r.revision - done <= step;
-        let req = if last { r.clone() } else { CompactionRequest { revision: done + step, physical: false } };
-        match propose_kv::<CompactionResponse>(node, TAG_COMPACT, &req).await {
-            Ok(resp) if last => return Ok(resp),
-            Ok(_) => {
-                done = req.revision;
-                step = (step * 2).min(COMPACT_STEP);
+        let mut step = vec![TAG_COMPACT_STEP];
+        step.extend_from_slice(&units.to_be_bytes());
+        match propose_kv_raw(node, step).await? {
+            Ok(more) if more.as_slice() == [1] => units = units.saturating_mul(2).min(COMPACT_STEP_UNITS),
+            Ok(done) if done.as_slice() == [0] => return Ok(()),
+            Ok(other) => return Err(Status::internal(format!("kv compaction step answered {other:?}"))),
+            Err(e) if e.kind == ApplyErrorKind::Rejected && e.message.contains("cannot apply command tag") => return Ok(()),
+            Err(e) if matches!(e.kind, ApplyErrorKind::OutOfFuel | ApplyErrorKind::OutOfMemory) && units > 1 => {
+                units /= 2;
             }
-            // Compacted past it meanwhile (etcd's ErrCompacted is OutOfRange).
-            Err(e) if !last && e.code() == tonic::Code::OutOfRange => done = req.revision,
-            Err(e) if e.code() == tonic::Code::ResourceExhausted && req.revision - done > 1 => {
-                step = ((req.revision - done) / 2).max(1);
-            }
-            Err(e) => return Err(e),
+            Err(e) => return Err(kv_error_status(e)),
         }
     }
 }

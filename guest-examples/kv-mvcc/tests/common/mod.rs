@@ -76,7 +76,16 @@ pub fn txn(n: &mut MemNode, t: TxnRequest) -> Result<TxnResponse, String> {
     apply(n, command::TAG_TXN, &t)
 }
 
+/// A Compact as the host runs it: the request, then compaction steps of the
+/// default size until none is left.
 pub fn compact(n: &mut MemNode, revision: i64) -> Result<CompactionResponse, String> {
+    let r = compact_only(n, revision)?;
+    compact_steps(n, None);
+    Ok(r)
+}
+
+/// The Compact request alone: the physical work stays pending.
+pub fn compact_only(n: &mut MemNode, revision: i64) -> Result<CompactionResponse, String> {
     apply(
         n,
         command::TAG_COMPACTION,
@@ -85,6 +94,32 @@ pub fn compact(n: &mut MemNode, revision: i64) -> Result<CompactionResponse, Str
             physical: false,
         },
     )
+}
+
+/// One compaction step of `units` (the default if `None`): whether work remains.
+pub fn compact_step(n: &mut MemNode, units: Option<u32>) -> bool {
+    let mut cmd = vec![command::TAG_COMPACT_STEP];
+    if let Some(u) = units {
+        cmd.extend_from_slice(&command::compact_step_body(u));
+    }
+    match n.apply(&cmd).expect("a compaction step applies").as_slice() {
+        [0] => false,
+        [1] => true,
+        other => panic!("compaction step answered {other:?}"),
+    }
+}
+
+/// Compaction steps until none is left; how many ran (the last reports none).
+/// Of two steps in a row, even of one unit, one passes an `r/` record or
+/// removes a record, so there are at most four per record.
+pub fn compact_steps(n: &mut MemNode, units: Option<u32>) -> usize {
+    let bound = 4 * n.store.map.len() + 2;
+    let mut steps = 1;
+    while compact_step(n, units) {
+        steps += 1;
+        assert!(steps <= bound, "compaction steps of {units:?} units make no progress");
+    }
+    steps
 }
 
 pub fn hash_kv(n: &MemNode, revision: i64) -> Result<HashKvResponse, String> {
