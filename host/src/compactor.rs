@@ -6,6 +6,9 @@
 //! - `periodic`: keep `retention` worth of history. The current revision is sampled every
 //!   `retention / 10` (at most hourly); the compactor compacts to the newest sample that is
 //!   at least `retention` old.
+//!
+//! Whatever the flags, [`finish_pending`] runs the compaction steps a previous leader left
+//! (they stop with the node that drives them).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -15,7 +18,7 @@ use anyhow::{bail, Context, Result};
 use openraft::ServerState;
 use tokio::sync::watch;
 
-use crate::api::etcd_kv::{compact_kv, kv_revision};
+use crate::api::etcd_kv::{compact_kv, finish_compaction, kv_compaction_pending, kv_revision};
 use crate::node::Node;
 use crate::proto::etcdserverpb::CompactionRequest;
 
@@ -100,6 +103,46 @@ pub async fn run(node: Arc<Node>, policy: Policy, mut stopped: watch::Receiver<b
         if target > last_compacted && target > 1 {
             compact(&node, target).await;
             last_compacted = target;
+        }
+    }
+}
+
+/// Whenever this node starts leading a term, it asks the kv machine whether compaction
+/// steps are left (a compaction answered without `physical` whose steps stopped with the
+/// node that drove them) and runs them. Runs for the node's lifetime.
+pub async fn finish_pending(node: Arc<Node>, mut stopped: watch::Receiver<bool>) {
+    let mut metrics = node.raft.metrics();
+    let mut checked: Option<u64> = None;
+    loop {
+        let (leading, term) = {
+            let m = metrics.borrow_and_update();
+            (m.state == ServerState::Leader, m.current_term)
+        };
+        if leading && checked != Some(term) {
+            match kv_compaction_pending(&node).await {
+                Ok(pending) => {
+                    checked = Some(term);
+                    if pending {
+                        tracing::info!(term, "finishing the compaction steps a previous leader left");
+                        if let Err(e) = finish_compaction(&node).await {
+                            tracing::warn!("compaction steps stopped again: {}", e.message());
+                        }
+                    }
+                }
+                // The read barrier failed (leadership not confirmed yet, or lost): ask
+                // again after a pause (a retry back-off).
+                Err(e) => {
+                    tracing::debug!("checking for pending compaction steps: {}", e.message());
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                        _ = stopped.wait_for(|v| *v) => return,
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            r = metrics.changed() => if r.is_err() { return },
+            _ = stopped.wait_for(|v| *v) => return,
         }
     }
 }

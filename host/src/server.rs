@@ -169,6 +169,7 @@ impl Server {
         tasks.push(tokio::spawn(leader_callbacks(node.clone(), stopped.clone())));
         tasks.push(tokio::spawn(install_default_kv(node.clone(), stopped.clone())));
         tasks.push(tokio::spawn(crate::lessor::run_expiry(node.clone(), stopped.clone())));
+        tasks.push(tokio::spawn(crate::compactor::finish_pending(node.clone(), stopped.clone())));
         if let Some(policy) = compaction {
             tracing::info!(?policy, "auto-compaction enabled");
             tasks.push(tokio::spawn(crate::compactor::run(node.clone(), policy, stopped.clone())));

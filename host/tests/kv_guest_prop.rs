@@ -603,7 +603,7 @@ fn raw() -> impl Strategy<Value = Vec<u8>> {
         vec![],                                                       // empty command
         vec![0],                                                      // unknown tag
         vec![9, 1, 2],                                                // malformed compaction step
-        vec![10],                                                     // unknown tag
+        vec![11],                                                     // unknown tag
         encode(command::TAG_HASH_KV, &HashKvRequest { revision: 0 }), // query-only tag in apply
         encode(command::TAG_STATUS, &StatusRequest {}),               // query-only tag in apply
         encode(command::TAG_PUT, &PutRequest { key: b"a".to_vec(), value: b"q".to_vec(), ..Default::default() }), // apply-only tag in query

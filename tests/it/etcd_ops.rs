@@ -159,6 +159,60 @@ fn compaction_steps_shrink_to_fit_a_small_kv_budget() {
     assert_eq!(etcdctl(&ep, &["get", "", "--prefix", "--print-value-only"], "").ok(), "1");
 }
 
+/// Compaction steps stop with the node that drives them; the compaction holds, and the
+/// next leader finishes them (`compactor::finish_pending`). Here the steps stop because
+/// kv is reinstalled on an 8,000-fuel budget, enough for the Compact but not for a step
+/// of one record; the budget is then restored and the node restarted.
+#[test]
+fn a_new_leader_finishes_compaction_steps_left_pending() {
+    let c = Cluster::builder(1).start();
+    wait_kv_module(&c, 0, Duration::from_secs(20));
+    let ep = c.endpoint(0);
+    let kv = raftvm_tests::guest("kv-mvcc");
+    let kv = kv.to_str().expect("utf-8 path");
+    let load = c.raftvm(0, &["bench", "put", "--total", "300", "--clients", "8", "--key-space", "300", "--sequential-keys", "--json"]);
+    let report: serde_json::Value = serde_json::from_str(load.ok()).expect("bench json");
+    assert_eq!(report["errors"].as_u64(), Some(0), "{report}");
+    assert_eq!(etcdctl(&ep, &["del", "", "--prefix"], "").ok(), "300");
+    assert_eq!(etcdctl(&ep, &["put", "live", "1"], "").ok(), "OK");
+    let head = etcdctl(&ep, &["get", "live", "-w", "json"], "");
+    let head: serde_json::Value = serde_json::from_str(head.ok()).expect("json");
+    let rev = head["header"]["revision"].as_i64().expect("revision");
+    // kv-mvcc's query tag 10 (raftvm query prints its one-byte answer).
+    let pending = |c: &Cluster| c.raftvm(0, &["query", "kv", "\n"]).ok().to_string();
+    assert_eq!(pending(&c), "\u{0}");
+
+    c.raftvm(0, &["module", "install", "kv", kv, "--fuel", "8000"]).ok();
+    let done = etcdctl(&ep, &["compaction", &rev.to_string()], "");
+    assert_eq!(done.ok(), format!("compacted revision {rev}"));
+    poll_until(Duration::from_secs(20), "the compaction steps to give up", || {
+        let log = c.node(0).log_contents();
+        if log.contains("compaction steps stopped") {
+            Ok(())
+        } else {
+            Err(c.node(0).log_tail(5))
+        }
+    });
+    assert_eq!(pending(&c), "\u{1}");
+    let old = etcdctl(&ep, &["get", "live", "--rev", &(rev - 1).to_string()], "");
+    assert!(old.stderr.contains("required revision has been compacted"), "{old:?}");
+
+    c.raftvm(0, &["module", "install", "kv", kv, "--fuel", "10000000000", "--memory-mb", "1024"]).ok();
+    assert_eq!(pending(&c), "\u{1}", "nothing drives the steps before a new term");
+    c.stop(0);
+    c.restart(0);
+    wait_kv_module(&c, 0, Duration::from_secs(20));
+    poll_until(Duration::from_secs(30), "the new leader to finish the steps", || {
+        let p = pending(&c);
+        if p == "\u{0}" {
+            Ok(())
+        } else {
+            Err(format!("{p:?}"))
+        }
+    });
+    assert_eq!(etcdctl(&ep, &["get", "", "--prefix", "--print-value-only"], "").ok(), "1");
+}
+
 /// `etcdctl txn` input: no compares, `success` ops, no failure ops.
 fn txn_script(success: &[String]) -> String {
     format!("\n{}\n\n\n", success.join("\n"))

@@ -14,10 +14,12 @@
 //! | 7   | `StatusRequest`      | `StatusResponse` (only header.revision) | no | yes |
 //! | 8   | `WatchCreateRequest` | `WatchResponse` (watch history: header.revision, events or compact_revision) | no | yes |
 //! | 9   | compaction step: empty, or a 4-byte big-endian count of work units | one byte: 1 if compaction work remains, 0 if not | yes | no |
+//! | 10  | compaction pending: empty | one byte: 1 if compaction work remains, 0 if not | no | yes |
 //!
 //! A `CompactionRequest` makes the compaction visible at once; the host then
 //! applies compaction steps (tag 9, each its own log entry) until one answers
-//! 0. See [`mvcc::compact_step`].
+//! 0. See [`mvcc::compact_step`]. A new leader asks with tag 10 whether steps
+//! its predecessor began are left.
 
 use prost::Message;
 
@@ -38,6 +40,7 @@ pub const TAG_HASH_KV: u8 = 6;
 pub const TAG_STATUS: u8 = 7;
 pub const TAG_WATCH_HISTORY: u8 = 8;
 pub const TAG_COMPACT_STEP: u8 = 9;
+pub const TAG_COMPACT_PENDING: u8 = 10;
 
 /// `tag` followed by `msg`'s protobuf encoding.
 pub fn encode(tag: u8, msg: &impl Message) -> Vec<u8> {
@@ -119,7 +122,7 @@ where
     })
 }
 
-/// `query`: tags 1, 4 (a txn that only reads), 6, 7 and 8; the store is
+/// `query`: tags 1, 4 (a txn that only reads), 6, 7, 8 and 10; the store is
 /// read-only.
 pub fn query<S: Store + ?Sized>(s: &S, request: &[u8]) -> Result<Vec<u8>> {
     let (tag, body) = split(request)?;
@@ -138,6 +141,12 @@ pub fn query<S: Store + ?Sized>(s: &S, request: &[u8]) -> Result<Vec<u8>> {
         TAG_WATCH_HISTORY => {
             let w = decode::<WatchCreateRequest>("WatchCreateRequest", body)?;
             mvcc::watch_history(s, &w)?.encode_to_vec()
+        }
+        TAG_COMPACT_PENDING if body.is_empty() => vec![u8::from(mvcc::compaction_pending(s)?)],
+        TAG_COMPACT_PENDING => {
+            return Err(Error::BadCommand(
+                "malformed compaction-pending query: want an empty body".into(),
+            ))
         }
         other => {
             return Err(Error::BadCommand(format!(

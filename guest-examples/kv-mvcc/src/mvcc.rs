@@ -1179,6 +1179,11 @@ pub fn compact_step<S: Store + ?Sized>(s: &mut S, units: u32) -> Result<bool> {
     Ok(more)
 }
 
+/// Whether a compaction left work for [`compact_step`]s.
+pub fn compaction_pending<S: Store + ?Sized>(s: &S) -> Result<bool> {
+    Ok(compact_todo(s)?.is_some())
+}
+
 /// The body of [`compact_step`]: advances `todo` while `left` lasts; false
 /// once every key is done.
 ///

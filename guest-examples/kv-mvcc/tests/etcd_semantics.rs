@@ -1443,8 +1443,10 @@ fn compaction_runs_in_bounded_steps() {
         (at, hash_kv(n, 0).unwrap(), hash_kv(n, 603).unwrap())
     };
 
+    let pending = |n: &MemNode| n.query(&[command::TAG_COMPACT_PENDING]).unwrap();
+    assert_eq!(pending(&n), [0]);
     compact_only(&mut n, 602).unwrap();
-    assert!(n.store.map.contains_key(kv_mvcc::layout::META_COMPACT_TODO));
+    assert_eq!(pending(&n), [1]);
     let before = reads(&mut n);
     assert_eq!(before.0[0].count, 1, "only hot is live at 602");
     let records = n.store.map.len();
@@ -1459,6 +1461,7 @@ fn compaction_runs_in_bounded_steps() {
     // Left: hot's and last's k/, h/, r/ records, m/rev and m/compact.
     assert_eq!(n.store.map.len(), 2 * 3 + 2, "from {records} records");
     assert!(!compact_step(&mut n, Some(50)), "nothing left to do");
+    assert_eq!(pending(&n), [0]);
 }
 
 #[test]
@@ -1618,7 +1621,7 @@ fn query_accepts_only_reads() {
         command::TAG_COMPACTION,
         command::TAG_COMPACT_STEP,
         0,
-        10,
+        11,
         255,
     ] {
         assert!(
@@ -1641,6 +1644,8 @@ fn query_accepts_only_reads() {
     }
     let e = n.apply(&[command::TAG_COMPACT_STEP, 1, 2]).unwrap_err();
     assert!(e.starts_with("raftvm: malformed compaction step"), "{e}");
+    let e = n.query(&[command::TAG_COMPACT_PENDING, 0]).unwrap_err();
+    assert!(e.starts_with("raftvm: malformed compaction-pending"), "{e}");
     assert_eq!(n.apply(&[]).unwrap_err(), "raftvm: empty command");
     assert_eq!(n.query(&[]).unwrap_err(), "raftvm: empty command");
     let e = n.apply(&[command::TAG_PUT, 0xFF, 0xFF]).unwrap_err();

@@ -29,6 +29,7 @@ const TAG_DELETE: u8 = 3;
 const TAG_TXN: u8 = 4;
 const TAG_COMPACT: u8 = 5;
 const TAG_COMPACT_STEP: u8 = 9;
+const TAG_COMPACT_PENDING: u8 = 10;
 pub const TAG_HASH_KV: u8 = 6;
 pub const TAG_STATUS: u8 = 7;
 
@@ -195,7 +196,7 @@ pub async fn compact_kv(node: &Arc<Node>, r: &CompactionRequest) -> Result<Compa
 /// out of fuel or memory changed nothing; it is retried at half the size (steps grow back
 /// after that). A kv module from before compaction steps compacts in the request itself
 /// and refuses the step's tag: nothing to do then.
-async fn finish_compaction(node: &Node) -> Result<(), Status> {
+pub async fn finish_compaction(node: &Node) -> Result<(), Status> {
     let mut units = COMPACT_STEP_UNITS;
     loop {
         let mut step = vec![TAG_COMPACT_STEP];
@@ -210,6 +211,17 @@ async fn finish_compaction(node: &Node) -> Result<(), Status> {
             }
             Err(e) => return Err(kv_error_status(e)),
         }
+    }
+}
+
+/// Whether the kv machine has compaction steps left (after a read-index barrier). No kv
+/// machine, or one from before compaction steps, has none.
+pub async fn kv_compaction_pending(node: &Node) -> Result<bool, Status> {
+    match node.query(KV_MACHINE, vec![TAG_COMPACT_PENDING], true).await.map_err(node_status)? {
+        Ok(out) => Ok(out == [1]),
+        Err(e) if e.kind == ApplyErrorKind::NoSuchMachine => Ok(false),
+        Err(e) if e.kind == ApplyErrorKind::Rejected && e.message.contains("cannot answer query tag") => Ok(false),
+        Err(e) => Err(kv_error_status(e)),
     }
 }
 
