@@ -13,10 +13,12 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::api::admin::AdminService;
+use crate::api::cluster::ClusterService;
 use crate::api::etcd_kv::{KvService, KV_MACHINE};
 use crate::api::etcd_lease::LeaseService;
 use crate::api::etcd_watch::WatchService;
 use crate::api::maintenance::MaintenanceService;
+use crate::proto::etcdserverpb::cluster_server::ClusterServer;
 use crate::proto::etcdserverpb::kv_server::KvServer;
 use crate::proto::etcdserverpb::lease_server::LeaseServer;
 use crate::proto::etcdserverpb::watch_server::WatchServer;
@@ -28,7 +30,7 @@ use crate::proto::peer::raft_peer_server::RaftPeerServer;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::{Network, MAX_PEER_MESSAGE};
 use crate::raft::state_machine::StateMachineStore;
-use crate::types::Raft;
+use crate::types::{MemberAttrs, Raft};
 
 /// Log entries kept after a snapshot so slow followers can catch up without one (etcd's
 /// snapshot catch-up entries), capped by `--snapshot-count`.
@@ -148,6 +150,7 @@ impl Server {
             stopped: stopped.clone(),
         });
         let maint_node = node.clone();
+        let cluster = ClusterServer::new(ClusterService { node: node.clone() });
         let (watch_node, watch_stopped) = (node.clone(), stopped.clone());
         let mut s = stopped.clone();
         tasks.push(tokio::spawn(async move {
@@ -157,6 +160,7 @@ impl Server {
                 .add_service(lease)
                 .add_service(WatchServer::new(WatchService { node: watch_node, stopped: watch_stopped }))
                 .add_service(MaintenanceServer::new(MaintenanceService { node: maint_node }))
+                .add_service(cluster)
                 .serve_with_incoming_shutdown(incoming(client_listener), async move {
                     let _ = s.wait_for(|v| *v).await;
                 })
@@ -170,6 +174,8 @@ impl Server {
         tasks.push(tokio::spawn(install_default_kv(node.clone(), stopped.clone())));
         tasks.push(tokio::spawn(crate::lessor::run_expiry(node.clone(), stopped.clone())));
         tasks.push(tokio::spawn(crate::compactor::finish_pending(node.clone(), stopped.clone())));
+        let client_urls = cfg.advertise_client_urls.split(',').map(str::trim).filter(|u| !u.is_empty()).map(String::from).collect();
+        tasks.push(tokio::spawn(publish_member(node.clone(), client_urls, stopped.clone())));
         if let Some(policy) = compaction {
             tracing::info!(?policy, "auto-compaction enabled");
             tasks.push(tokio::spawn(crate::compactor::run(node.clone(), policy, stopped.clone())));
@@ -261,6 +267,34 @@ async fn install_default_kv(node: Arc<Node>, mut stopped: watch::Receiver<bool>)
         }
         tokio::select! {
             r = metrics.changed() => if r.is_err() { return },
+            _ = stopped.wait_for(|v| *v) => return,
+        }
+    }
+}
+
+/// Publishes this member's name and client URLs (`--advertise-client-urls`) through the
+/// log for MemberList, as etcd does when it starts, unless the cluster already holds
+/// exactly these. Retries until it has a leader to propose to.
+async fn publish_member(node: Arc<Node>, client_urls: Vec<String>, mut stopped: watch::Receiver<bool>) {
+    let attrs = MemberAttrs { name: node.name.clone(), client_urls };
+    loop {
+        let published = node.shared.db().member_attrs().ok().and_then(|m| m.get(&node.id).cloned());
+        if published.as_ref() == Some(&attrs) {
+            return;
+        }
+        if node.leader().is_some() {
+            let req = crate::types::Request::PublishMember { id: node.id, name: attrs.name.clone(), client_urls: attrs.client_urls.clone() };
+            match node.propose(req).await {
+                Ok(_) => {
+                    tracing::info!(client_urls = ?attrs.client_urls, "published this member's client URLs");
+                    return;
+                }
+                Err(e) => tracing::debug!("publishing this member's client URLs: {e}; retrying"),
+            }
+        }
+        // Back off before asking again (a retry pause, not synchronization).
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             _ = stopped.wait_for(|v| *v) => return,
         }
     }

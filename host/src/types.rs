@@ -77,6 +77,17 @@ pub enum Request {
     /// order, each as if it were an entry of its own (own transaction, own response), so
     /// one fsync and one replication round serve them all. They share the entry's index.
     Batch(Vec<Request>),
+    /// A member's attributes for etcd's MemberList: its name and client URLs (etcd's
+    /// `--advertise-client-urls`), proposed by the member itself when they are not yet
+    /// what the cluster holds (etcd publishes them through raft the same way).
+    PublishMember { id: u64, name: String, client_urls: Vec<String> },
+}
+
+/// What a member published about itself ([`Request::PublishMember`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberAttrs {
+    pub name: String,
+    pub client_urls: Vec<String>,
 }
 
 /// The result of applying one log entry, handed back to the proposing client.

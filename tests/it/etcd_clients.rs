@@ -183,6 +183,76 @@ fn etcd_client_crate_on_three_members() {
 }
 
 /// The error etcd-client returns for a failed call: (gRPC code name, message).
+/// etcd's Cluster.MemberList: every member with its id (the member id of its response
+/// headers), name, peer URL and published client URLs, through etcdctl (`member list`,
+/// and `endpoint health --cluster`, which dials the client URLs it lists) and the Rust
+/// client. Membership changes answer Unimplemented.
+#[test]
+fn member_list_on_three_members() {
+    let cluster = start_kv_cluster(3);
+    let mut want: Vec<(u64, String, String, String)> = (0..3)
+        .map(|i| {
+            let n = cluster.node(i);
+            let status = etcdctl(&n.endpoint(), &["endpoint", "status", "-w", "json"], "");
+            let status: serde_json::Value = serde_json::from_str(status.ok()).expect("status json");
+            let id = status[0]["Status"]["header"]["member_id"].as_u64().expect("member id");
+            (id, n.name.clone(), n.peer_url(), n.client_url())
+        })
+        .collect();
+    want.sort();
+    let listed = |i: usize| -> Vec<(u64, String, String, String)> {
+        let out = etcdctl(&cluster.endpoint(i), &["member", "list", "-w", "json"], "");
+        let v: serde_json::Value = serde_json::from_str(out.ok()).expect("member list json");
+        let mut got: Vec<_> = v["members"]
+            .as_array()
+            .expect("members")
+            .iter()
+            .map(|m| {
+                assert_eq!(m["isLearner"].as_bool(), None, "etcdctl omits false: {m}");
+                let urls = |f: &str| m[f].as_array().map(|a| a.iter().map(|u| u.as_str().unwrap().to_string()).collect::<Vec<_>>());
+                let (peer, client) = (urls("peerURLs").expect("peerURLs"), urls("clientURLs").unwrap_or_default());
+                assert_eq!(peer.len(), 1, "{m}");
+                (m["ID"].as_u64().expect("ID"), m["name"].as_str().unwrap_or("").to_string(), peer[0].clone(), client.join(","))
+            })
+            .collect();
+        got.sort();
+        got
+    };
+    // Each member publishes its client URLs through the log after it starts.
+    raftvm_tests::poll_until(Duration::from_secs(20), "every member's client URLs", || {
+        let got = listed(0);
+        if got == want {
+            Ok(())
+        } else {
+            Err(format!("{got:?} vs {want:?}"))
+        }
+    });
+    for i in 1..3 {
+        assert_eq!(listed(i), want, "member list through member {i}");
+    }
+    let table = etcdctl(&cluster.endpoint(1), &["member", "list"], "");
+    for (id, name, peer, client) in &want {
+        assert!(table.ok().contains(&format!("{id:x}, started, {name}, {peer}, {client}, false")), "{table:?}");
+    }
+    let health = etcdctl(&cluster.endpoint(0), &["endpoint", "health", "--cluster"], "");
+    assert_eq!(health.stderr.matches("is healthy").count() + health.stdout.matches("is healthy").count(), 3, "{health:?}");
+    let add = etcdctl(&cluster.endpoint(0), &["member", "add", "x", "--peer-urls", "http://127.0.0.1:1"], "");
+    assert!(!add.success() && add.stderr.contains("Unimplemented"), "{add:?}");
+
+    runtime().block_on(async {
+        let mut c = connect(&cluster.node(1).client_url()).await;
+        let r = c.member_list().await.expect("member_list");
+        let mut got: Vec<_> = r
+            .members()
+            .iter()
+            .map(|m| (m.id(), m.name().to_string(), m.peer_urls().join(","), m.client_urls().join(",")))
+            .collect();
+        got.sort();
+        assert_eq!(got, want);
+        assert!(r.members().iter().all(|m| !m.is_learner()));
+    });
+}
+
 fn grpc_error<T: std::fmt::Debug>(r: Result<T, etcd_client::Error>) -> (String, String) {
     match r {
         Err(etcd_client::Error::GRpcStatus(s)) => (format!("{:?}", s.code()), s.message().to_string()),

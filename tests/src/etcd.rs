@@ -164,7 +164,9 @@ impl Drop for EtcdServer {
     }
 }
 
-/// Waits until `module list` on node `i` shows the built-in `kv` machine.
+/// Waits until `module list` on node `i` shows the built-in `kv` machine, and until node
+/// `i` has published its client URL (a log entry each member proposes when it starts), so
+/// that a test sees no startup entries land after this returns.
 pub fn wait_kv_module(c: &Cluster, i: usize, timeout: Duration) {
     poll_until(timeout, &format!("the `{KV_MACHINE}` machine on {}", c.node(i).name), || {
         let out = c.raftvm(i, &["module", "list"]);
@@ -175,6 +177,15 @@ pub fn wait_kv_module(c: &Cluster, i: usize, timeout: Duration) {
             Ok(())
         } else {
             Err(format!("not listed yet: {out:?}"))
+        }
+    });
+    let url = c.node(i).client_url();
+    poll_until(timeout, &format!("{} to publish its client URL", c.node(i).name), || {
+        let out = etcdctl(&c.endpoint(i), &["member", "list"], "");
+        if out.success() && out.stdout.contains(&format!(", {url}, ")) {
+            Ok(())
+        } else {
+            Err(format!("{out:?}"))
         }
     });
 }

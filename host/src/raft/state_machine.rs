@@ -21,7 +21,7 @@ use crate::runtime::{ApplyContext, Runtime};
 use crate::storage::leases::{attach_key, attached_keys, encode_lease, get_lease, lease_key, list_leases, machine_attach_prefix, LeaseRecord};
 use crate::storage::{machine_prefix, prefix_end, sha256_hex, ModuleRecord, PendingBatch, StateDb};
 use crate::types::{
-    ApplyError, ApplyErrorKind, Entry, LogId, Request, Response, SnapshotMeta, StorageError, StoredMembership,
+    ApplyError, ApplyErrorKind, Entry, LogId, MemberAttrs, Request, Response, SnapshotMeta, StorageError, StoredMembership,
     TypeConfig,
 };
 
@@ -247,6 +247,10 @@ impl StateMachineStore {
                     }
                     EntryPayload::Normal(Request::Alarm { activate, member_id, alarm }) => {
                         batch.set_alarm(member_id, alarm, activate);
+                        responses.push(Response::Empty);
+                    }
+                    EntryPayload::Normal(Request::PublishMember { id, name, client_urls }) => {
+                        batch.set_member_attrs(id, &MemberAttrs { name, client_urls });
                         responses.push(Response::Empty);
                     }
                     EntryPayload::Normal(Request::LeaseGrant { id, ttl }) => {

@@ -24,7 +24,7 @@ use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOpti
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::types::{decode, encode, LogId, StoredMembership};
+use crate::types::{decode, encode, LogId, MemberAttrs, StoredMembership};
 
 pub mod leases;
 
@@ -37,6 +37,7 @@ const KEY_MEMBERSHIP: &[u8] = b"membership";
 const MODULE_PREFIX: &[u8] = b"module/";
 const DEFAULT_PREFIX: &[u8] = b"default-installed/";
 const ALARM_PREFIX: &[u8] = b"alarm/";
+const MEMBER_PREFIX: &[u8] = b"member/";
 
 /// A machine's record in `meta`, replicated like everything else in the state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -198,6 +199,18 @@ impl StateDb {
     /// Whether the built-in default machine `name` was ever installed in this cluster.
     pub fn default_installed(&self, name: &str) -> Result<bool> {
         Ok(self.db.get_cf(self.cf(CF_META), [DEFAULT_PREFIX, name.as_bytes()].concat())?.is_some())
+    }
+
+    /// The attributes members published, by member id.
+    pub fn member_attrs(&self) -> Result<BTreeMap<u64, MemberAttrs>> {
+        let mut out = BTreeMap::new();
+        for item in self.db.iterator_cf(self.cf(CF_META), IteratorMode::From(MEMBER_PREFIX, Direction::Forward)) {
+            let (k, v) = item?;
+            let Some(rest) = k.strip_prefix(MEMBER_PREFIX) else { break };
+            let id = u64::from_be_bytes(rest.try_into().context("member record key")?);
+            out.insert(id, decode(&v).context("decoding member attributes")?);
+        }
+        Ok(out)
     }
 
     /// Active alarms as (member id, etcd AlarmType), in key order.
@@ -409,6 +422,10 @@ impl PendingBatch {
     pub fn set_alarm(&mut self, member_id: u64, alarm: i32, active: bool) {
         let key = [ALARM_PREFIX, &member_id.to_be_bytes(), &alarm.to_be_bytes()].concat();
         self.meta.insert(key, active.then(Vec::new));
+    }
+
+    pub fn set_member_attrs(&mut self, id: u64, attrs: &MemberAttrs) {
+        self.meta.insert([MEMBER_PREFIX, &id.to_be_bytes()].concat(), Some(encode(attrs)));
     }
 
     pub fn remove_module(&mut self, name: &str) {
