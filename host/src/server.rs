@@ -161,7 +161,7 @@ impl Server {
                 .add_service(WatchServer::new(WatchService { node: watch_node, stopped: watch_stopped }))
                 .add_service(MaintenanceServer::new(MaintenanceService { node: maint_node }))
                 .add_service(cluster)
-                .serve_with_incoming_shutdown(incoming(client_listener), async move {
+                .serve_with_incoming_shutdown(client_incoming(client_listener), async move {
                     let _ = s.wait_for(|v| *v).await;
                 })
                 .await;
@@ -302,6 +302,15 @@ async fn publish_member(node: Arc<Node>, client_urls: Vec<String>, mut stopped: 
 
 /// Accepted connections with Nagle's algorithm off: gRPC writes small frames, and with
 /// Nagle on, a response could wait for the client's delayed ACK (~40 ms).
+/// [`incoming`] for the client URL, each connection able to repair a URL sent as its
+/// `:authority` (see `api::authority`).
+fn client_incoming(
+    listener: tokio::net::TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<crate::api::authority::AuthorityFix<tokio::net::TcpStream>>> {
+    use futures::TryStreamExt;
+    incoming(listener).map_ok(crate::api::authority::AuthorityFix::new)
+}
+
 fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
     tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }

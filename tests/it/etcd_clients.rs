@@ -185,8 +185,8 @@ fn etcd_client_crate_on_three_members() {
 /// The error etcd-client returns for a failed call: (gRPC code name, message).
 /// etcd's Cluster.MemberList: every member with its id (the member id of its response
 /// headers), name, peer URL and published client URLs, through etcdctl (`member list`,
-/// and `endpoint health --cluster`, which dials the client URLs it lists) and the Rust
-/// client. Membership changes answer Unimplemented.
+/// and the `--cluster` forms of `endpoint health` and `endpoint status`, which dial the
+/// client URLs it lists) and the Rust client. Membership changes answer Unimplemented.
 #[test]
 fn member_list_on_three_members() {
     let cluster = start_kv_cluster(3);
@@ -236,6 +236,21 @@ fn member_list_on_three_members() {
     }
     let health = etcdctl(&cluster.endpoint(0), &["endpoint", "health", "--cluster"], "");
     assert_eq!(health.stderr.matches("is healthy").count() + health.stdout.matches("is healthy").count(), 3, "{health:?}");
+    // The calls etcd's client makes to one named member send its URL as the HTTP/2
+    // :authority (`api::authority`): with the client URLs from the member list, and with
+    // an http:// endpoint given by hand.
+    let status = etcdctl(&cluster.endpoint(2), &["endpoint", "status", "--cluster", "-w", "json"], "");
+    let status: serde_json::Value = serde_json::from_str(status.ok()).expect("status json");
+    let mut endpoints: Vec<_> = status.as_array().expect("array").iter().map(|e| e["Endpoint"].as_str().unwrap().to_string()).collect();
+    endpoints.sort();
+    let mut clients: Vec<_> = want.iter().map(|w| w.3.clone()).collect();
+    clients.sort();
+    assert_eq!(endpoints, clients);
+    let url = cluster.node(1).client_url();
+    for cmd in [&["endpoint", "status"][..], &["endpoint", "hashkv"], &["defrag"]] {
+        let out = etcdctl(&url, cmd, "");
+        assert!(out.success() && out.stdout.starts_with(&url) || out.stdout.contains(&format!("[{url}]")), "{cmd:?}: {out:?}");
+    }
     let add = etcdctl(&cluster.endpoint(0), &["member", "add", "x", "--peer-urls", "http://127.0.0.1:1"], "");
     assert!(!add.success() && add.stderr.contains("Unimplemented"), "{add:?}");
 

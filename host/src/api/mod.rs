@@ -1,6 +1,7 @@
 //! gRPC services on the client URL, and the one place internal errors become gRPC status.
 
 pub mod admin;
+pub mod authority;
 pub mod cluster;
 pub mod etcd_kv;
 pub mod etcd_lease;
