@@ -199,6 +199,24 @@ def values(pairs):
     return [(m.key.decode(), v.decode()) for v, m in pairs]
 
 
+def test_members(cluster, clients):
+    # etcd3's `members` calls Cluster.MemberList; every member publishes its client URL
+    # through the log once it starts.
+    want = sorted(
+        (nm, [f"http://{cluster.host}:{cp}"]) for nm, cp in zip(cluster.names, cluster.client_ports)
+    )
+
+    def listed(c):
+        return sorted((m.name, list(m.client_urls)) for m in c.members)
+
+    poll_until("every member's client URL", lambda: (listed(clients[0]) == want, listed(clients[0])))
+    for c in clients:
+        members = list(c.members)
+        assert sorted((m.name, list(m.client_urls)) for m in members) == want
+        assert len({m.id for m in members}) == len(want)
+        assert all(len(m.peer_urls) == 1 and m.peer_urls[0].startswith("http://") for m in members)
+
+
 def test_put_get_on_every_member(clients):
     a, b, c = clients
     resp = a.put("/py/k", "v1")
