@@ -84,6 +84,26 @@ fn revision_auto_compaction_keeps_the_last_n_revisions() {
     assert_eq!(etcdctl(&ep, &["get", "k", "--print-value-only"], "").ok(), "v19");
 }
 
+/// Puts `keys` keys through `raftvm bench` (8-byte values), deletes them all in one
+/// revision, puts `live` = 1, and returns the revision of that put.
+fn deleted_history_then_live(c: &Cluster, keys: usize) -> i64 {
+    let ep = c.endpoint(0);
+    let total = keys.to_string();
+    let load = c.raftvm(
+        0,
+        &["bench", "put", "--total", &total, "--clients", "32", "--conns", "4", "--key-space", &total, "--sequential-keys", "--val-size", "8", "--json"],
+    );
+    let report: serde_json::Value = serde_json::from_str(load.ok()).expect("bench json");
+    assert_eq!(report["errors"].as_u64(), Some(0), "{report}");
+    assert_eq!(etcdctl(&ep, &["del", "", "--prefix"], "").ok(), total);
+    assert_eq!(etcdctl(&ep, &["put", "live", "1"], "").ok(), "OK");
+    let head = etcdctl(&ep, &["get", "live", "-w", "json"], "");
+    let head: serde_json::Value = serde_json::from_str(head.ok()).expect("json");
+    let rev = head["header"]["revision"].as_i64().expect("revision");
+    assert!(rev > keys as i64, "{head}");
+    rev
+}
+
 /// A compaction is one log entry that makes it visible, then compaction steps of bounded
 /// work that remove the history (`api::etcd_kv::compact_kv`). With kv reinstalled on a
 /// 300M budget, one revision that deleted 25,000 keys cannot be compacted in one call
@@ -97,19 +117,7 @@ fn a_compaction_of_one_huge_revision_runs_in_steps() {
     let ep = c.endpoint(0);
     let kv = raftvm_tests::guest("kv-mvcc");
     c.raftvm(0, &["module", "install", "kv", kv.to_str().expect("utf-8 path"), "--fuel", "300000000"]).ok();
-    let total = KEYS.to_string();
-    let load = c.raftvm(
-        0,
-        &["bench", "put", "--total", &total, "--clients", "32", "--conns", "4", "--key-space", &total, "--sequential-keys", "--val-size", "8", "--json"],
-    );
-    let report: serde_json::Value = serde_json::from_str(load.ok()).expect("bench json");
-    assert_eq!(report["errors"].as_u64(), Some(0), "{report}");
-    assert_eq!(etcdctl(&ep, &["del", "", "--prefix"], "").ok(), total);
-    assert_eq!(etcdctl(&ep, &["put", "live", "1"], "").ok(), "OK");
-    let head = etcdctl(&ep, &["get", "live", "-w", "json"], "");
-    let head: serde_json::Value = serde_json::from_str(head.ok()).expect("json");
-    let rev = head["header"]["revision"].as_i64().expect("revision");
-    assert!(rev > KEYS as i64, "{head}");
+    let rev = deleted_history_then_live(&c, KEYS);
     // etcd's error for a future revision, with nothing compacted.
     let future = etcdctl(&ep, &["compaction", &(rev + 1_000).to_string()], "");
     assert!(future.stderr.contains("required revision is a future revision"), "{future:?}");
@@ -141,17 +149,7 @@ fn compaction_steps_shrink_to_fit_a_small_kv_budget() {
     let ep = c.endpoint(0);
     let kv = raftvm_tests::guest("kv-mvcc");
     c.raftvm(0, &["module", "install", "kv", kv.to_str().expect("utf-8 path"), "--fuel", "4000000"]).ok();
-    let load = c.raftvm(
-        0,
-        &["bench", "put", "--total", "600", "--clients", "8", "--key-space", "300", "--sequential-keys", "--val-size", "8", "--json"],
-    );
-    let report: serde_json::Value = serde_json::from_str(load.ok()).expect("bench json");
-    assert_eq!(report["errors"].as_u64(), Some(0), "{report}");
-    assert_eq!(etcdctl(&ep, &["del", "", "--prefix"], "").ok(), "300");
-    assert_eq!(etcdctl(&ep, &["put", "live", "1"], "").ok(), "OK");
-    let head = etcdctl(&ep, &["get", "live", "-w", "json"], "");
-    let head: serde_json::Value = serde_json::from_str(head.ok()).expect("json");
-    let rev = head["header"]["revision"].as_i64().expect("revision");
+    let rev = deleted_history_then_live(&c, 300);
     let done = etcdctl(&ep, &["compaction", "--physical", &rev.to_string()], "");
     assert_eq!(done.ok(), format!("compacted revision {rev}"));
     let old = etcdctl(&ep, &["get", "live", "--rev", &(rev - 1).to_string()], "");
@@ -170,14 +168,7 @@ fn a_new_leader_finishes_compaction_steps_left_pending() {
     let ep = c.endpoint(0);
     let kv = raftvm_tests::guest("kv-mvcc");
     let kv = kv.to_str().expect("utf-8 path");
-    let load = c.raftvm(0, &["bench", "put", "--total", "300", "--clients", "8", "--key-space", "300", "--sequential-keys", "--json"]);
-    let report: serde_json::Value = serde_json::from_str(load.ok()).expect("bench json");
-    assert_eq!(report["errors"].as_u64(), Some(0), "{report}");
-    assert_eq!(etcdctl(&ep, &["del", "", "--prefix"], "").ok(), "300");
-    assert_eq!(etcdctl(&ep, &["put", "live", "1"], "").ok(), "OK");
-    let head = etcdctl(&ep, &["get", "live", "-w", "json"], "");
-    let head: serde_json::Value = serde_json::from_str(head.ok()).expect("json");
-    let rev = head["header"]["revision"].as_i64().expect("revision");
+    let rev = deleted_history_then_live(&c, 300);
     // kv-mvcc's query tag 10 (raftvm query prints its one-byte answer).
     let pending = |c: &Cluster| c.raftvm(0, &["query", "kv", "\n"]).ok().to_string();
     assert_eq!(pending(&c), "\u{0}");

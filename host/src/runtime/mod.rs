@@ -553,6 +553,35 @@ mod tests {
         (dir, db, rt)
     }
 
+    /// Applies `cmd` to the kv machine as a batch of its own and commits it: the guest's
+    /// output or error.
+    fn apply_committed(rt: &Runtime, db: &Arc<StateDb>, index: &mut u64, cmd: &[u8]) -> Result<Vec<u8>, ApplyError> {
+        let mut batch = PendingBatch::default();
+        *index += 1;
+        let ctx = ApplyContext { index: *index, term: 1, timestamp_ms: 0 };
+        let out = rt.apply("kv", db, &mut batch.data, ctx, cmd).unwrap().map(|(out, _)| out);
+        db.commit(batch).unwrap();
+        out
+    }
+
+    /// Puts keys `key-0000000` to `key-{n-1}` with `value_len`-byte values, 1,000 per txn
+    /// (the guest takes a txn of any size).
+    fn put_keys(rt: &Runtime, db: &Arc<StateDb>, index: &mut u64, n: usize, value_len: usize) {
+        for chunk in (0..n).collect::<Vec<_>>().chunks(1_000) {
+            let success = chunk
+                .iter()
+                .map(|i| RequestOp {
+                    request: Some(request_op::Request::RequestPut(PutRequest {
+                        key: format!("key-{i:07}").into_bytes(),
+                        value: vec![b'v'; value_len],
+                        ..Default::default()
+                    })),
+                })
+                .collect();
+            apply_committed(rt, db, index, &framed(TAG_TXN, &TxnRequest { success, ..Default::default() })).unwrap();
+        }
+    }
+
     /// etcd answers `get --prefix ""` and `del --prefix ""` over every key in one request;
     /// so must the built-in kv module within the limits the server installs it with. With
     /// the generic ones (500M fuel, 128 MiB) a range of 50,000 keys and a delete of 90,000
@@ -563,28 +592,7 @@ mod tests {
         const KEYS: usize = 100_000;
         let (_dir, db, rt) = kv_runtime_with(KV_FUEL, KV_MEMORY_BYTES);
         let mut index = 0;
-        let mut apply = |cmd: &[u8]| {
-            let mut batch = PendingBatch::default();
-            index += 1;
-            let ctx = ApplyContext { index, term: 1, timestamp_ms: 0 };
-            let out = rt.apply("kv", &db, &mut batch.data, ctx, cmd).unwrap().unwrap().0;
-            db.commit(batch).unwrap();
-            out
-        };
-        // Loaded 1,000 puts per txn: the guest takes a txn of any size.
-        for chunk in (0..KEYS).collect::<Vec<_>>().chunks(1_000) {
-            let success = chunk
-                .iter()
-                .map(|i| RequestOp {
-                    request: Some(request_op::Request::RequestPut(PutRequest {
-                        key: format!("key-{i:07}").into_bytes(),
-                        value: vec![b'v'; 1_500],
-                        ..Default::default()
-                    })),
-                })
-                .collect();
-            apply(&framed(TAG_TXN, &TxnRequest { success, ..Default::default() }));
-        }
+        put_keys(&rt, &db, &mut index, KEYS, 1_500);
         let all = RangeRequest { key: vec![0], range_end: vec![0], ..Default::default() };
         let r = RangeResponse::decode(rt.query("kv", &db, &framed(TAG_RANGE, &all)).unwrap().unwrap().as_slice()).unwrap();
         assert_eq!((r.count, r.kvs.len()), (KEYS as i64, KEYS));
@@ -592,7 +600,7 @@ mod tests {
         let kv = rt.machine("kv").unwrap();
         assert!(kv.readers.lock().unwrap().iter().all(|w| w.store.data().grown() <= KEEP_WARM_MEMORY));
         let del = DeleteRangeRequest { key: vec![0], range_end: vec![0], ..Default::default() };
-        let d = DeleteRangeResponse::decode(apply(&framed(TAG_DELETE, &del)).as_slice()).unwrap();
+        let d = DeleteRangeResponse::decode(apply_committed(&rt, &db, &mut index, &framed(TAG_DELETE, &del)).unwrap().as_slice()).unwrap();
         assert_eq!(d.deleted, KEYS as i64);
         let r = RangeResponse::decode(rt.query("kv", &db, &framed(TAG_RANGE, &all)).unwrap().unwrap().as_slice()).unwrap();
         assert_eq!(r.count, 0);
@@ -607,31 +615,12 @@ mod tests {
         const KEYS: usize = 20_000;
         let (_dir, db, rt) = kv_runtime_with(KV_FUEL, KV_MEMORY_BYTES);
         let mut index = 0;
-        let mut apply = |rt: &Runtime, cmd: &[u8]| {
-            let mut batch = PendingBatch::default();
-            index += 1;
-            let ctx = ApplyContext { index, term: 1, timestamp_ms: 0 };
-            let out = rt.apply("kv", &db, &mut batch.data, ctx, cmd).unwrap();
-            db.commit(batch).unwrap();
-            out
-        };
-        for chunk in (0..KEYS).collect::<Vec<_>>().chunks(1_000) {
-            let success = chunk
-                .iter()
-                .map(|i| RequestOp {
-                    request: Some(request_op::Request::RequestPut(PutRequest {
-                        key: format!("key-{i:07}").into_bytes(),
-                        value: vec![b'v'; 8],
-                        ..Default::default()
-                    })),
-                })
-                .collect();
-            apply(&rt, &framed(TAG_TXN, &TxnRequest { success, ..Default::default() })).unwrap();
-        }
+        put_keys(&rt, &db, &mut index, KEYS, 8);
+        let mut apply = |rt: &Runtime, cmd: &[u8]| apply_committed(rt, &db, &mut index, cmd);
         let all = DeleteRangeRequest { key: vec![0], range_end: vec![0], ..Default::default() };
         apply(&rt, &framed(TAG_DELETE, &all)).unwrap();
         let live = PutRequest { key: b"live".to_vec(), value: b"1".to_vec(), ..Default::default() };
-        let rev = PutResponse::decode(apply(&rt, &framed(TAG_PUT, &live)).unwrap().0.as_slice()).unwrap().header.unwrap().revision;
+        let rev = PutResponse::decode(apply(&rt, &framed(TAG_PUT, &live)).unwrap().as_slice()).unwrap().header.unwrap().revision;
         let wasm = rt.validate(crate::server::DEFAULT_KV_MODULE).unwrap();
         rt.load(ModuleRecord::for_component("kv".into(), &wasm, 100_000_000, KV_MEMORY_BYTES, 2), &wasm).unwrap();
         apply(&rt, &framed(TAG_COMPACT, &CompactionRequest { revision: rev, physical: false })).unwrap();
@@ -640,8 +629,8 @@ mod tests {
             steps += 1;
             assert!(steps < 1_000, "compaction steps do not end");
             match apply(&rt, &[TAG_COMPACT_STEP]) {
-                Ok((more, _)) if more == [1] => continue,
-                Ok((done, _)) => {
+                Ok(more) if more == [1] => continue,
+                Ok(done) => {
                     assert_eq!(done, [0]);
                     break;
                 }
@@ -718,14 +707,7 @@ mod tests {
     fn a_heavy_command_sends_its_machine_to_a_blocking_thread_until_it_is_light_again() {
         let (_dir, db, rt) = kv_runtime();
         let mut index = 0;
-        let mut apply = |msg: Vec<u8>| {
-            index += 1;
-            let mut batch = PendingBatch::default();
-            let ctx = ApplyContext { index, term: 1, timestamp_ms: 0 };
-            let (out, _) = rt.apply("kv", &db, &mut batch.data, ctx, &msg).unwrap().unwrap();
-            db.commit(batch).unwrap();
-            out
-        };
+        let mut apply = |msg: Vec<u8>| apply_committed(&rt, &db, &mut index, &msg).unwrap();
         let put = |i: u64| {
             framed(TAG_PUT, &PutRequest { key: format!("k{i:04}").into_bytes(), value: vec![b'v'; 100], ..Default::default() })
         };
