@@ -300,8 +300,6 @@ async fn publish_member(node: Arc<Node>, client_urls: Vec<String>, mut stopped: 
     }
 }
 
-/// Accepted connections with Nagle's algorithm off: gRPC writes small frames, and with
-/// Nagle on, a response could wait for the client's delayed ACK (~40 ms).
 /// [`incoming`] for the client URL, each connection able to repair a URL sent as its
 /// `:authority` (see `api::authority`).
 fn client_incoming(
@@ -311,6 +309,8 @@ fn client_incoming(
     incoming(listener).map_ok(crate::api::authority::AuthorityFix::new)
 }
 
+/// Accepted connections with Nagle's algorithm off: gRPC writes small frames, and with
+/// Nagle on, a response could wait for the client's delayed ACK (~40 ms).
 fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
     tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
