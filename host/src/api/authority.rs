@@ -31,6 +31,9 @@ const PRIORITY: u8 = 0x20;
 const MAX_FRAME: usize = 16_384;
 /// Bytes read per read while frames are parsed.
 const READ_CHUNK: usize = 16 * 1024;
+/// A header block this large is not a gRPC request's: h2 gets the bytes as they are (and
+/// refuses them), so a client cannot make us buffer without bound.
+const MAX_BLOCK: usize = 1024 * 1024;
 
 enum Mode {
     /// Before the connection preface.
@@ -91,6 +94,11 @@ impl<S> AuthorityFix<S> {
             _ => {}
         }
         let Some((len, kind, flags, stream)) = frame_header(&self.raw) else { return false };
+        if len > MAX_FRAME {
+            // Larger than h2 accepts: it answers FRAME_SIZE_ERROR, we need not buffer it.
+            self.mode = Mode::Pass;
+            return true;
+        }
         if self.raw.len() < FRAME_HEADER + len {
             return false;
         }
@@ -108,13 +116,13 @@ impl<S> AuthorityFix<S> {
                     .then(|| fragment(payload, flags))
                     .flatten()
                     .and_then(|block| dec.decode(block).ok())
-                    .and_then(|headers| repaired(&headers).map(|h| (h, headers)));
+                    .and_then(|headers| repaired(&headers));
                 match fixed {
                     None => {
                         self.out.extend_from_slice(&frame);
                         self.mode = Mode::Pass;
                     }
-                    Some((headers, _)) => {
+                    Some(headers) => {
                         let dec = std::mem::replace(dec, hpack::Decoder::new());
                         let mut enc = hpack::Encoder::new();
                         write_headers(&mut self.out, &enc.encode(headers.iter().map(|(k, v)| (&k[..], &v[..]))), flags, stream);
@@ -143,6 +151,11 @@ impl<S> AuthorityFix<S> {
                     return true;
                 };
                 block.extend_from_slice(piece);
+                if block.len() > MAX_BLOCK {
+                    self.out.extend_from_slice(&frame);
+                    self.mode = Mode::Pass;
+                    return true;
+                }
                 if flags & END_HEADERS == 0 {
                     return true;
                 }
@@ -360,10 +373,15 @@ mod tests {
         input: Vec<u8>,
         at: usize,
         piece: usize,
+        /// End of stream after the input; else the input is followed by silence.
+        eof: bool,
     }
 
     impl AsyncRead for Pieces {
         fn poll_read(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            if self.at == self.input.len() && !self.eof {
+                return Poll::Pending;
+            }
             let n = self.piece.min(self.input.len() - self.at).min(buf.remaining());
             let at = self.at;
             buf.put_slice(&self.input[at..at + n]);
@@ -373,7 +391,7 @@ mod tests {
     }
 
     fn tokio_test_reader(input: &[u8], piece: usize) -> Pieces {
-        Pieces { input: input.to_vec(), at: 0, piece }
+        Pieces { input: input.to_vec(), at: 0, piece, eof: true }
     }
 
     fn authority(block: &[(Vec<u8>, Vec<u8>)]) -> Option<&[u8]> {
@@ -442,6 +460,23 @@ mod tests {
         let mut fix = AuthorityFix::new(&mut reader);
         let mut out = Vec::new();
         fix.read_to_end(&mut out).await.unwrap();
+        assert_eq!(out, input);
+    }
+
+    #[tokio::test]
+    async fn an_oversized_frame_is_not_buffered() {
+        let mut input = PREFACE.to_vec();
+        let big = frame(HEADERS, END_HEADERS, 1, &vec![0; MAX_FRAME + 1]);
+        input.extend_from_slice(&big[..FRAME_HEADER + 10]);
+        // The stream stays open after these bytes: a wrapper waiting for the rest of the
+        // frame would never hand them on.
+        let mut reader = Pieces { input: input.clone(), at: 0, piece: 3, eof: false };
+        let mut fix = AuthorityFix::new(&mut reader);
+        let mut out = vec![0; input.len()];
+        tokio::time::timeout(std::time::Duration::from_secs(5), fix.read_exact(&mut out))
+            .await
+            .expect("the frame's first bytes were held back")
+            .unwrap();
         assert_eq!(out, input);
     }
 
