@@ -55,19 +55,17 @@ pub struct AuthorityFix<S> {
     /// Bytes ready for the reader, from `out_at` on.
     out: Vec<u8>,
     out_at: usize,
-    /// Whether this connection's request headers were rewritten.
-    repairing: bool,
 }
 
 impl<S> AuthorityFix<S> {
     pub fn new(inner: S) -> Self {
-        AuthorityFix { inner, mode: Mode::Preface, raw: Vec::new(), out: Vec::new(), out_at: 0, repairing: false }
+        AuthorityFix { inner, mode: Mode::Preface, raw: Vec::new(), out: Vec::new(), out_at: 0 }
     }
 
     /// Whether this connection's request headers were rewritten.
     #[cfg(test)]
     fn repairing(&self) -> bool {
-        self.repairing
+        matches!(self.mode, Mode::Repair { .. })
     }
 
     /// Moves what can be decided from `raw` to `out`. False if it needs more bytes.
@@ -127,7 +125,6 @@ impl<S> AuthorityFix<S> {
                         let mut enc = hpack::Encoder::new();
                         write_headers(&mut self.out, &enc.encode(headers.iter().map(|(k, v)| (&k[..], &v[..]))), flags, stream);
                         self.mode = Mode::Repair { dec, enc, block: Vec::new(), flags: 0, stream: 0 };
-                        self.repairing = true;
                         tracing::debug!("a client sent a URL as :authority: repairing this connection's requests");
                     }
                 }
@@ -216,31 +213,29 @@ fn repaired(headers: &[(Vec<u8>, Vec<u8>)]) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
     Some(out)
 }
 
-/// A HEADERS frame (and CONTINUATION frames if needed) carrying `block`.
+/// A HEADERS frame (and CONTINUATION frames if needed) carrying `block`: of `flags`, only
+/// END_STREAM is kept (the block is unpadded, without priority).
 fn write_headers(out: &mut Vec<u8>, block: &[u8], flags: u8, stream: u32) {
-    let mut chunks = block.chunks(MAX_FRAME).peekable();
-    let mut kind = HEADERS;
-    let mut first = true;
-    // An empty block still makes one frame.
-    let empty: &[u8] = &[];
-    let mut next = chunks.next().unwrap_or(empty);
-    loop {
-        let last = chunks.peek().is_none();
-        let mut f = if first { flags & END_STREAM } else { 0 };
-        if last {
+    let mut chunks: Vec<&[u8]> = block.chunks(MAX_FRAME).collect();
+    if chunks.is_empty() {
+        chunks.push(&[]);
+    }
+    let last = chunks.len() - 1;
+    for (i, chunk) in chunks.into_iter().enumerate() {
+        let (kind, mut f) = if i == 0 { (HEADERS, flags & END_STREAM) } else { (CONTINUATION, 0) };
+        if i == last {
             f |= END_HEADERS;
         }
-        let len = next.len();
-        out.extend_from_slice(&[(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, f]);
-        out.extend_from_slice(&stream.to_be_bytes());
-        out.extend_from_slice(next);
-        if last {
-            return;
-        }
-        first = false;
-        kind = CONTINUATION;
-        next = chunks.next().expect("peeked");
+        write_frame(out, kind, f, stream, chunk);
     }
+}
+
+/// One HTTP/2 frame: the 9-byte header, then `payload`.
+fn write_frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+    let len = payload.len();
+    out.extend_from_slice(&[(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags]);
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
@@ -268,7 +263,6 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
             ready!(Pin::new(&mut this.inner).poll_read(cx, &mut rb))?;
             if rb.filled().is_empty() {
                 // End of stream: whatever is left goes to h2 as it is.
-                this.mode = Mode::Pass;
                 this.out.append(&mut this.raw);
                 if this.out.is_empty() {
                     return Poll::Ready(Ok(()));
@@ -321,13 +315,6 @@ mod tests {
         f
     }
 
-    fn write_frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
-        let len = payload.len();
-        out.extend_from_slice(&[(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags]);
-        out.extend_from_slice(&stream.to_be_bytes());
-        out.extend_from_slice(payload);
-    }
-
     fn request(enc: &mut hpack::Encoder<'_>, authority: &str, path: &str) -> Vec<u8> {
         let headers: Vec<(&[u8], &[u8])> = vec![
             (b":method", b"POST"),
@@ -342,7 +329,7 @@ mod tests {
     /// Reads everything the wrapper yields for `input` fed in pieces of `piece` bytes,
     /// and decodes the HEADERS blocks it passes on (as h2 would, one table for all).
     async fn run(input: &[u8], piece: usize) -> (Vec<u8>, Vec<Vec<(Vec<u8>, Vec<u8>)>>, bool) {
-        let mut builder = tokio_test_reader(input, piece);
+        let mut builder = pieces(input, piece);
         let mut fix = AuthorityFix::new(&mut builder);
         let mut out = Vec::new();
         fix.read_to_end(&mut out).await.unwrap();
@@ -390,7 +377,7 @@ mod tests {
         }
     }
 
-    fn tokio_test_reader(input: &[u8], piece: usize) -> Pieces {
+    fn pieces(input: &[u8], piece: usize) -> Pieces {
         Pieces { input: input.to_vec(), at: 0, piece, eof: true }
     }
 
@@ -456,7 +443,7 @@ mod tests {
     #[tokio::test]
     async fn not_http2_passes_through() {
         let input = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
-        let mut reader = tokio_test_reader(&input, 3);
+        let mut reader = pieces(&input, 3);
         let mut fix = AuthorityFix::new(&mut reader);
         let mut out = Vec::new();
         fix.read_to_end(&mut out).await.unwrap();
