@@ -237,7 +237,8 @@ pub async fn run_client(cmd: Command) -> Result<()> {
                         rows.push(json!({"endpoint": ep, "member_id": format!("{:x}", s.member_id), "name": s.name,
                             "leader_id": leader, "is_leader": s.leader_id == s.member_id, "term": s.term,
                             "last_log_index": s.last_log_index, "applied_index": s.applied_index,
-                            "cluster_id": format!("{:x}", s.cluster_id)}));
+                            "cluster_id": format!("{:x}", s.cluster_id), "lease_reads": s.lease_reads,
+                            "read_index_rounds": s.read_index_rounds}));
                     }
                     Err(e) => {
                         failed = true;

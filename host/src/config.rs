@@ -71,10 +71,24 @@ pub struct ServeConfig {
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration, hide = true)]
     #[serde(skip, default = "five_minutes")]
     pub experimental_compaction_check_interval: std::time::Duration,
+    /// How a leader confirms it still leads before a linearizable read: 'lease' (no
+    /// message while a quorum acknowledged it within half an election timeout; else as
+    /// 'quorum') or 'quorum' (a heartbeat round to a quorum for each read-index round, as
+    /// etcd).
+    #[arg(long, value_enum, default_value = "lease")]
+    pub linearizable_reads: ReadCheck,
     /// Path to the server configuration file (YAML with etcd's keys).
     #[arg(long)]
     #[serde(skip)]
     pub config_file: Option<PathBuf>,
+}
+
+/// See [`ServeConfig::linearizable_reads`] and [`crate::raft::lease`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReadCheck {
+    Lease,
+    Quorum,
 }
 
 impl Default for ServeConfig {

@@ -431,13 +431,14 @@ impl Node {
         }
     }
 
-    /// Whether this node leads and a quorum acknowledged its leadership within half an
-    /// election timeout (openraft's view, refreshed at least every heartbeat).
+    /// Whether this node leads and holds its leader lease ([`crate::raft::lease`]).
     fn leads_with_recent_quorum(&self) -> bool {
-        let fresh = self.raft.config().election_timeout_min / 2;
-        let metrics = self.raft.metrics();
-        let m = metrics.borrow();
-        m.current_leader == Some(self.id) && m.millis_since_quorum_ack.is_some_and(|ms| ms < fresh)
+        let (leader, term) = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            (m.current_leader, m.current_term)
+        };
+        leader == Some(self.id) && self.holds_lease(term)
     }
 
     /// The peer side of a lease call forwarded by a follower.

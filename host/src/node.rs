@@ -3,10 +3,11 @@
 //! - [`Node::propose`] replicates a [`Request`] and returns what applying it produced,
 //!   forwarding to the leader when this node is a follower.
 //! - [`Node::read_barrier`] makes a following local read linearizable (read-index: the
-//!   leader confirms its leadership with a quorum, then this node waits until it has
-//!   applied up to the leader's commit index).
+//!   leader confirms its leadership, by its lease or with a quorum, then this node waits
+//!   until it has applied up to the leader's commit index).
 //! - [`Node::query`] runs a machine's read-only `query` on local state.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -16,6 +17,8 @@ use serde::{Deserialize, Serialize};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::proto::peer::{raft_peer_server::RaftPeer, Blob, Frame, LeaseReply, LeaseRequest, ReadIndexRequest, ReadIndexResponse};
+use crate::config::ReadCheck;
+use crate::raft::lease::LeaderLease;
 use crate::raft::link::{reply_frame, CallKind, PeerLink};
 use crate::raft::network::peer_link;
 use crate::raft::state_machine::{InFlight, Shared};
@@ -52,6 +55,21 @@ pub struct Node {
     pub batcher: Batcher,
     /// Gathers concurrent linearizable reads into one read-index round.
     pub read_batcher: ReadBatcher,
+    /// Whether a leader may confirm its leadership by its lease (`--linearizable-reads`).
+    pub read_check: ReadCheck,
+    pub lease: Arc<LeaderLease>,
+    /// The commit index as openraft reports it ([`crate::raft::log_store::LogStore::commit_index`]).
+    pub commit_index: Arc<AtomicU64>,
+    pub read_stats: ReadStats,
+}
+
+/// How linearizable reads were confirmed, for `raftvm status`.
+#[derive(Default)]
+pub struct ReadStats {
+    /// Read barriers a leader passed on its lease, without a message.
+    pub lease: AtomicU64,
+    /// Read-index rounds: a quorum round on a leader, a ReadIndex call on a follower.
+    pub rounds: AtomicU64,
 }
 
 type BarrierWaiter = tokio::sync::oneshot::Sender<Result<(), NodeError>>;
@@ -263,11 +281,51 @@ impl Node {
             .map_err(|_| if old.is_some() { NodeError::Timeout } else { NodeError::NoLeader })
     }
 
-    /// Start gathering concurrent commands and read barriers into batches (once, when the
-    /// node is shared).
-    pub fn start_batcher(self: &Arc<Self>) {
+    /// Start gathering concurrent commands and read barriers into batches and tracking the
+    /// leader lease (once, when the node is shared).
+    pub fn start_tasks(self: &Arc<Self>) {
         tokio::spawn(run_batcher(Arc::downgrade(self), self.batcher.0.take_receiver()));
         tokio::spawn(run_read_batcher(Arc::downgrade(self), self.read_batcher.take_receiver()));
+        tokio::spawn(crate::raft::lease::watch(self.id, Arc::downgrade(&self.lease), self.raft.metrics()));
+    }
+
+    /// Whether this node leads term `term` and a quorum acknowledged it within half an
+    /// election timeout, so no other leader can exist yet (see [`crate::raft::lease`]).
+    pub(crate) fn holds_lease(&self, term: u64) -> bool {
+        let within = Duration::from_millis(self.raft.config().election_timeout_min / 2);
+        self.lease.holds(term, within, Instant::now())
+    }
+
+    /// The index a linearizable read may be served at without a read-index round, if this
+    /// node leads with its lease held: the commit index, which covers every write any
+    /// client has seen acknowledged or watched. `None`: a round is needed.
+    fn lease_read_index(&self) -> Option<u64> {
+        if self.read_check != ReadCheck::Lease {
+            return None;
+        }
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        // A new leader's commit index can lag what its predecessor committed until the
+        // first entry of its own term is committed (and applied, which is what we see).
+        let applied = m.last_applied?;
+        if m.current_leader != Some(self.id) || applied.leader_id.term != m.current_term || !self.holds_lease(m.current_term) {
+            return None;
+        }
+        Some(self.commit_index.load(Ordering::Acquire).max(applied.index))
+    }
+
+    /// Wait (bounded by `deadline`) until this node has applied `index`.
+    async fn wait_applied(&self, index: u64, deadline: Instant, what: &str) -> Result<(), NodeError> {
+        if self.raft.metrics().borrow().last_applied.is_some_and(|l| l.index >= index) {
+            return Ok(());
+        }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        self.raft
+            .wait(Some(remaining))
+            .applied_index_at_least(Some(index), what)
+            .await
+            .map(|_| ())
+            .map_err(|_| NodeError::Timeout)
     }
 
     /// Propose `req` on this node, which must be the leader.
@@ -376,6 +434,10 @@ impl Node {
     /// [`run_read_batcher`]), so one quorum round (and on a follower one ReadIndex RPC)
     /// serves every read that queued up while the previous round ran.
     pub async fn read_barrier(&self) -> Result<(), NodeError> {
+        if let Some(index) = self.lease_read_index() {
+            self.read_stats.lease.fetch_add(1, Ordering::Relaxed);
+            return self.wait_applied(index, Instant::now() + self.request_timeout, "lease read index").await;
+        }
         let (tx, rx) = tokio::sync::oneshot::channel();
         if self.read_batcher.tx.send(tx).is_err() {
             return Err(NodeError::Internal("the read barrier batcher has stopped".into()));
@@ -385,6 +447,7 @@ impl Node {
 
     /// One read-index round, for every read queued before it started.
     async fn read_barrier_round(&self) -> Result<(), NodeError> {
+        self.read_stats.rounds.fetch_add(1, Ordering::Relaxed);
         let deadline = Instant::now() + self.request_timeout;
         loop {
             let leader = self.leader();
@@ -412,14 +475,7 @@ impl Node {
                             continue;
                         }
                     };
-                    let remaining = deadline.saturating_duration_since(Instant::now());
-                    return self
-                        .raft
-                        .wait(Some(remaining))
-                        .applied_index_at_least(Some(index), "read index")
-                        .await
-                        .map(|_| ())
-                        .map_err(|_| NodeError::Timeout);
+                    return self.wait_applied(index, deadline, "read index").await;
                 }
             }
             if Instant::now() >= deadline {

@@ -91,6 +91,7 @@ impl Server {
         let client_listener = bind(&first_url(&cfg.listen_client_urls)?).await?;
 
         let log = LogStore::open(&data_dir.join("raft"))?;
+        let commit_index = log.commit_index();
         let sm = StateMachineStore::open(&data_dir)?;
         let shared = sm.shared();
         let raft = Raft::new(id, Arc::new(raft_config), Network, log, sm).await.context("starting raft")?;
@@ -104,8 +105,12 @@ impl Server {
             request_timeout: Duration::from_secs(5),
             batcher: Default::default(),
             read_batcher: Default::default(),
+            read_check: cfg.linearizable_reads,
+            lease: Default::default(),
+            commit_index,
+            read_stats: Default::default(),
         });
-        node.start_batcher();
+        node.start_tasks();
 
         let peer_addr = peer_listener.local_addr()?;
         let client_addr = client_listener.local_addr()?;

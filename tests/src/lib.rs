@@ -339,6 +339,9 @@ pub struct Status {
     pub term: u64,
     pub last_log_index: u64,
     pub applied_index: u64,
+    /// Linearizable reads confirmed on the leader lease, and read-index rounds run.
+    pub lease_reads: u64,
+    pub read_index_rounds: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -495,6 +498,8 @@ impl Node {
         // SAFETY: plain kill(2) on our own child's pid, which we have not reaped yet.
         unsafe {
             libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+            // A node a test froze ([`Cluster::pause`]) acts on SIGTERM once thawed.
+            libc::kill(c.id() as libc::pid_t, libc::SIGCONT);
         }
         let deadline = Instant::now() + grace;
         loop {

@@ -138,6 +138,8 @@ impl Admin for AdminService {
             applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
             cluster_id: self.node.cluster_id,
             members,
+            lease_reads: self.node.read_stats.lease.load(std::sync::atomic::Ordering::Relaxed),
+            read_index_rounds: self.node.read_stats.rounds.load(std::sync::atomic::Ordering::Relaxed),
         }))
     }
 }

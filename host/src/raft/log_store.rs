@@ -14,6 +14,7 @@
 use std::fmt::Debug;
 use std::ops::RangeBounds;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -33,6 +34,9 @@ pub struct LogStore {
     /// restarts, so it rides in the next append's write batch instead of costing a RocksDB
     /// write (a WAL record and a syscall) of its own on every commit.
     committed: Arc<std::sync::Mutex<Option<Option<LogId>>>>,
+    /// The latest commit index openraft reported since this process started (0 before
+    /// the first), for a leader's lease reads (see [`crate::raft::lease`]).
+    commit_index: Arc<AtomicU64>,
 }
 
 fn io_err(subject: ErrorSubject<NodeId>, verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError {
@@ -62,7 +66,14 @@ impl LogStore {
         let db = Arc::new(
             DB::open_cf_descriptors(&opts, path, cfs).with_context(|| format!("opening raft log {}", path.display()))?,
         );
-        Ok(Self { db, committed: Default::default() })
+        Ok(Self { db, committed: Default::default(), commit_index: Default::default() })
+    }
+
+    /// The commit index as openraft reports it to this store. openraft reports each new
+    /// commit index before it hands the entries to the state machine, so the value is
+    /// never below the index of an applied entry.
+    pub fn commit_index(&self) -> Arc<AtomicU64> {
+        self.commit_index.clone()
     }
 
     fn logs(&self) -> &rocksdb::ColumnFamily {
@@ -143,6 +154,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // A hint for restarts (openraft re-learns the commit index if it is lost): written
         // with the next append, or lost with the process, which only means a restarted
         // node waits for the leader to tell it again.
+        if let Some(c) = &committed {
+            self.commit_index.fetch_max(c.index, Ordering::Release);
+        }
         *self.committed.lock().expect("poisoned") = Some(committed);
         Ok(())
     }

@@ -1,5 +1,6 @@
 //! openraft glue: the log store, the state-machine driver and the peer network.
 
+pub mod lease;
 pub mod link;
 pub mod log_store;
 pub mod network;
