@@ -14,7 +14,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // etcd's v3 API, written to etcd 3.4's wire format (see proto/etcd).
     let etcd = root.join("etcd");
-    let etcd_files = ["etcdserverpb/rpc.proto", "mvccpb/kv.proto", "authpb/auth.proto"];
+    let etcd_files = [
+        "etcdserverpb/rpc.proto",
+        "mvccpb/kv.proto",
+        "authpb/auth.proto",
+        "v3lockpb/v3lock.proto",
+        "v3electionpb/v3election.proto",
+    ];
     for f in &etcd_files {
         println!("cargo:rerun-if-changed={}", etcd.join(f).display());
     }

@@ -44,4 +44,10 @@ pub mod proto {
     pub mod authpb {
         tonic::include_proto!("authpb");
     }
+    pub mod v3lockpb {
+        tonic::include_proto!("v3lockpb");
+    }
+    pub mod v3electionpb {
+        tonic::include_proto!("v3electionpb");
+    }
 }

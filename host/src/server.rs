@@ -18,7 +18,10 @@ use crate::api::etcd_kv::{KvService, KV_MACHINE};
 use crate::api::etcd_lease::LeaseService;
 use crate::api::etcd_watch::WatchService;
 use crate::api::maintenance::MaintenanceService;
+use crate::api::concurrency::{ElectionService, LockService, Recipes};
 use crate::proto::etcdserverpb::cluster_server::ClusterServer;
+use crate::proto::v3electionpb::election_server::ElectionServer;
+use crate::proto::v3lockpb::lock_server::LockServer;
 use crate::proto::etcdserverpb::kv_server::KvServer;
 use crate::proto::etcdserverpb::lease_server::LeaseServer;
 use crate::proto::etcdserverpb::watch_server::WatchServer;
@@ -140,20 +143,24 @@ impl Server {
         // The transport limit is generous; the service answers over-limit requests with
         // the exact errors etcd gives (see KvService::check_grpc_size).
         let quota = Arc::new(crate::api::quota::Quota::new(node.clone(), cfg.quota_bytes()));
-        let kv = KvServer::new(KvService {
+        let kv_service = KvService {
             node: node.clone(),
             max_request_bytes: cfg.max_request_bytes as usize,
             max_txn_ops: cfg.max_txn_ops as usize,
             quota: quota.clone(),
-        })
-            .max_decoding_message_size(4 * (cfg.max_request_bytes as usize + crate::api::etcd_kv::GRPC_OVERHEAD_BYTES))
-            .max_encoding_message_size(usize::MAX);
-        let lease = LeaseServer::new(LeaseService {
+        };
+        let lease_service = LeaseService {
             node: node.clone(),
             min_ttl: crate::lessor::min_ttl_secs(cfg.election_timeout, cfg.heartbeat_interval),
             quota,
             stopped: stopped.clone(),
-        });
+        };
+        // etcd's Lock and Election services: its concurrency recipes over KV and Lease.
+        let recipes = Recipes { kv: kv_service.clone(), lease: lease_service.clone(), stopped: stopped.clone() };
+        let kv = KvServer::new(kv_service)
+            .max_decoding_message_size(4 * (cfg.max_request_bytes as usize + crate::api::etcd_kv::GRPC_OVERHEAD_BYTES))
+            .max_encoding_message_size(usize::MAX);
+        let lease = LeaseServer::new(lease_service);
         let maint_node = node.clone();
         let cluster = ClusterServer::new(ClusterService { node: node.clone() });
         let (watch_node, watch_stopped) = (node.clone(), stopped.clone());
@@ -166,6 +173,8 @@ impl Server {
                 .add_service(WatchServer::new(WatchService { node: watch_node, stopped: watch_stopped }))
                 .add_service(MaintenanceServer::new(MaintenanceService { node: maint_node }))
                 .add_service(cluster)
+                .add_service(LockServer::new(LockService(recipes.clone())))
+                .add_service(ElectionServer::new(ElectionService(recipes)))
                 .serve_with_incoming_shutdown(client_incoming(client_listener), async move {
                     let _ = s.wait_for(|v| *v).await;
                 })

@@ -523,3 +523,129 @@ fn python_etcd3() {
     eprintln!("{stdout}\n{stderr}");
     assert!(out.status.success(), "pytest tests/python/test_etcd3.py failed ({}):\n{stdout}\n{stderr}", out.status);
 }
+
+/// Waits (bounded) until `key` exists (`present`) or does not.
+async fn wait_for_key(c: &mut Client, key: &str, present: bool) {
+    for _ in 0..500 {
+        if c.get(key, None).await.unwrap().kvs().is_empty() != present {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{key} never became {}", if present { "present" } else { "absent" });
+}
+
+/// The next value an Observe stream reports.
+async fn next_observed(obs: &mut etcd_client::ObserveStream) -> String {
+    let r = tokio::time::timeout(Duration::from_secs(10), obs.message()).await.expect("observe stalls").expect("observe fails");
+    r.and_then(|r| r.kv().map(|kv| kv.value_str().unwrap().to_string())).expect("observe ended")
+}
+
+/// etcd's Lock service through etcd-client, callers on different members: the second
+/// caller waits until the first unlocks; a caller whose RPC is canceled while it waits
+/// leaves no key behind; lease 0 gets a lease of its own; the keys are those of etcd's
+/// mutex recipe (`<name>/<lease hex>`, ordered by create revision), so `etcdctl lock` on
+/// the same name waits for them too.
+#[test]
+fn etcd_client_crate_lock() {
+    use etcd_client::LockOptions;
+    let cluster = start_kv_cluster(3);
+    let urls: Vec<String> = (0..3).map(|i| cluster.node(i).client_url()).collect();
+    let ep = cluster.endpoint(2);
+    runtime().block_on(async {
+        let mut a = connect(&urls[0]).await;
+        let mut b = connect(&urls[1]).await;
+        let la = a.lease_grant(60, None).await.unwrap().id();
+        let lb = b.lease_grant(60, None).await.unwrap().id();
+        let held = a.lock("mtx", Some(LockOptions::new().with_lease(la))).await.expect("lock a");
+        assert_eq!(held.key(), format!("mtx/{la:x}").as_bytes());
+        let a_rev = a.get(held.key(), None).await.unwrap().kvs()[0].create_revision();
+
+        let mut b2 = b.clone();
+        let waiter = tokio::spawn(async move { b2.lock("mtx", Some(LockOptions::new().with_lease(lb))).await });
+        // b's key is in the store, behind a's; b must still be waiting.
+        let b_key = format!("mtx/{lb:x}");
+        wait_for_key(&mut a, &b_key, true).await;
+        let b_rev = a.get(b_key.as_str(), None).await.unwrap().kvs().first().map(|kv| kv.create_revision());
+        assert!(b_rev.is_some_and(|r| r > a_rev), "b's key {b_rev:?} after a's {a_rev}");
+        assert!(!waiter.is_finished(), "b got the lock while a held it");
+        // etcdctl's client-side mutex queues behind both.
+        let etcdctl_lock = tokio::task::spawn_blocking(move || etcdctl(&ep, &["lock", "mtx", "echo", "got it"], ""));
+        let prefix = || Some(GetOptions::new().with_prefix().with_count_only());
+        for _ in 0..500 {
+            if a.get("mtx/", prefix()).await.unwrap().count() == 3 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(a.get("mtx/", prefix()).await.unwrap().count(), 3, "etcdctl's key never queued");
+
+        a.unlock(held.key()).await.expect("unlock a");
+        let got = tokio::time::timeout(Duration::from_secs(10), waiter).await.expect("b waits forever").unwrap().expect("lock b");
+        assert_eq!(got.key(), b_key.as_bytes());
+        assert!(!etcdctl_lock.is_finished(), "etcdctl got the lock while b held it");
+        b.unlock(got.key()).await.expect("unlock b");
+        let out = tokio::time::timeout(Duration::from_secs(20), etcdctl_lock).await.expect("etcdctl lock waits forever").unwrap();
+        assert_eq!(out.ok(), "got it");
+
+        // A waiter that gives up: its key goes away.
+        let held = a.lock("mtx2", Some(LockOptions::new().with_lease(la))).await.expect("lock mtx2");
+        let mut b3 = b.clone();
+        let waiter = tokio::spawn(async move { b3.lock("mtx2", Some(LockOptions::new().with_lease(lb))).await });
+        let gone_key = format!("mtx2/{lb:x}");
+        wait_for_key(&mut a, &gone_key, true).await;
+        waiter.abort();
+        // The canceled Lock's key goes away.
+        wait_for_key(&mut a, &gone_key, false).await;
+        a.unlock(held.key()).await.unwrap();
+
+        // Lease 0: the key is attached to a fresh lease.
+        let own = a.lock("mtx3", None).await.expect("lock without a lease");
+        let kv = a.get(own.key(), None).await.unwrap().kvs()[0].clone();
+        assert!(kv.lease() != 0 && own.key() == format!("mtx3/{:x}", kv.lease()).as_bytes(), "{kv:?}");
+        let ttl = a.lease_time_to_live(kv.lease(), None).await.unwrap();
+        assert!(ttl.granted_ttl() == 60 && ttl.ttl() > 0, "{ttl:?}");
+    });
+}
+
+/// etcd's Election service through etcd-client: campaign, leader, proclaim, observe and
+/// resign, callers on different members, and etcd's errors for a leader that is not one
+/// and an election without a leader.
+#[test]
+fn etcd_client_crate_election() {
+    use etcd_client::{ProclaimOptions, ResignOptions};
+    let cluster = start_kv_cluster(3);
+    let urls: Vec<String> = (0..3).map(|i| cluster.node(i).client_url()).collect();
+    runtime().block_on(async {
+        let mut a = connect(&urls[0]).await;
+        let mut b = connect(&urls[1]).await;
+        let mut o = connect(&urls[2]).await;
+        assert_eq!(grpc_error(o.leader("el").await), ("Unknown".into(), "election: no leader".into()));
+        let la = a.lease_grant(60, None).await.unwrap().id();
+        let lb = b.lease_grant(60, None).await.unwrap().id();
+
+        let mut observed = o.observe("el").await.expect("observe");
+        let won = a.campaign("el", "a1", la).await.expect("campaign a");
+        let a_key = won.leader().expect("leader key").clone();
+        assert_eq!(a_key.key(), format!("el/{la:x}").as_bytes());
+        assert_eq!(next_observed(&mut observed).await, "a1");
+
+        let mut b2 = b.clone();
+        let challenger = tokio::spawn(async move { b2.campaign("el", "b1", lb).await });
+        a.proclaim("a2", Some(ProclaimOptions::new().with_leader(a_key.clone()))).await.expect("proclaim");
+        assert_eq!(next_observed(&mut observed).await, "a2");
+        let leader = o.leader("el").await.expect("leader");
+        assert_eq!(leader.kv().map(|kv| kv.value().to_vec()), Some(b"a2".to_vec()));
+        assert!(!challenger.is_finished(), "b won while a leads");
+
+        a.resign(Some(ResignOptions::new().with_leader(a_key.clone()))).await.expect("resign");
+        let b_won = tokio::time::timeout(Duration::from_secs(10), challenger).await.expect("b waits forever").unwrap().expect("campaign b");
+        assert_eq!(b_won.leader().unwrap().key(), format!("el/{lb:x}").as_bytes());
+        assert_eq!(next_observed(&mut observed).await, "b1");
+        // a no longer leads: its proclamation is refused, its resignation changes nothing.
+        let stale = a.proclaim("a3", Some(ProclaimOptions::new().with_leader(a_key.clone()))).await;
+        assert_eq!(grpc_error(stale), ("Unknown".into(), "election: not leader".into()));
+        a.resign(Some(ResignOptions::new().with_leader(a_key))).await.expect("resign again");
+        assert_eq!(o.leader("el").await.unwrap().kv().map(|kv| kv.value().to_vec()), Some(b"b1".to_vec()));
+    });
+}

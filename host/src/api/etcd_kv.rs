@@ -36,6 +36,7 @@ pub const TAG_STATUS: u8 = 7;
 /// What etcd's gRPC server accepts on top of --max-request-bytes.
 pub const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 
+#[derive(Clone)]
 pub struct KvService {
     pub node: Arc<Node>,
     pub max_request_bytes: usize,

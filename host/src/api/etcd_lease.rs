@@ -23,6 +23,7 @@ use crate::types::{Request as LogRequest, Response as LogResponse};
 /// Grants of a node-chosen id retried after an id collision.
 const GRANT_ATTEMPTS: usize = 3;
 
+#[derive(Clone)]
 pub struct LeaseService {
     pub node: Arc<Node>,
     /// etcd's minimum TTL in seconds (see `lessor::min_ttl_secs`).

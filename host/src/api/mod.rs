@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod authority;
 pub mod cluster;
+pub mod concurrency;
 pub mod etcd_kv;
 pub mod etcd_lease;
 pub mod etcd_watch;
