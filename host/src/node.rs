@@ -429,10 +429,11 @@ impl Node {
         }
     }
 
-    /// Make the next local read linearizable. Concurrent callers share barrier rounds:
-    /// a caller waits for the first round that starts after it asked (see
-    /// [`run_read_batcher`]), so one quorum round (and on a follower one ReadIndex RPC)
-    /// serves every read that queued up while the previous round ran.
+    /// Make the next local read linearizable. A leader holding its lease only waits until
+    /// it has applied its commit index ([`Node::lease_read_index`]). Otherwise concurrent
+    /// callers share barrier rounds: a caller waits for the first round that starts after
+    /// it asked (see [`run_read_batcher`]), so one quorum round (and on a follower one
+    /// ReadIndex RPC) serves every read that queued up while the previous round ran.
     pub async fn read_barrier(&self) -> Result<(), NodeError> {
         if let Some(index) = self.lease_read_index() {
             self.read_stats.lease.fetch_add(1, Ordering::Relaxed);
