@@ -24,11 +24,11 @@ pub const KV_MACHINE: &str = "kv";
 
 // The kv machine's command tags (guest-examples/kv-mvcc/src/command.rs).
 pub const TAG_RANGE: u8 = 1;
-const TAG_PUT: u8 = 2;
-const TAG_DELETE: u8 = 3;
-const TAG_TXN: u8 = 4;
-const TAG_COMPACT: u8 = 5;
-const TAG_COMPACT_STEP: u8 = 9;
+pub(crate) const TAG_PUT: u8 = 2;
+pub(crate) const TAG_DELETE: u8 = 3;
+pub(crate) const TAG_TXN: u8 = 4;
+pub(crate) const TAG_COMPACT: u8 = 5;
+pub(crate) const TAG_COMPACT_STEP: u8 = 9;
 const TAG_COMPACT_PENDING: u8 = 10;
 pub const TAG_HASH_KV: u8 = 6;
 pub const TAG_STATUS: u8 = 7;
@@ -134,7 +134,8 @@ macro_rules! with_header {
 }
 with_header!(RangeResponse, PutResponse, DeleteRangeResponse, TxnResponse, CompactionResponse);
 
-fn frame(tag: u8, msg: &impl Message) -> Vec<u8> {
+/// A kv command or query: its tag, then the protobuf message.
+pub(crate) fn frame(tag: u8, msg: &impl Message) -> Vec<u8> {
     let mut b = Vec::with_capacity(1 + msg.encoded_len());
     b.push(tag);
     msg.encode(&mut b).expect("Vec grows as needed");

@@ -524,19 +524,7 @@ mod tests {
     };
     use crate::storage::PendingBatch;
 
-    /// kv-mvcc's command tags (see `api::etcd_kv`).
-    const TAG_RANGE: u8 = 1;
-    const TAG_PUT: u8 = 2;
-    const TAG_DELETE: u8 = 3;
-    const TAG_TXN: u8 = 4;
-    const TAG_COMPACT: u8 = 5;
-    const TAG_COMPACT_STEP: u8 = 9;
-
-    fn framed(tag: u8, msg: &impl Message) -> Vec<u8> {
-        let mut b = vec![tag];
-        msg.encode(&mut b).unwrap();
-        b
-    }
+    use crate::api::etcd_kv::{frame, TAG_COMPACT, TAG_COMPACT_STEP, TAG_DELETE, TAG_PUT, TAG_RANGE, TAG_TXN};
 
     /// A state store and a runtime with the built-in kv-mvcc loaded as `kv`.
     fn kv_runtime() -> (tempfile::TempDir, Arc<StateDb>, Runtime) {
@@ -578,7 +566,7 @@ mod tests {
                     })),
                 })
                 .collect();
-            apply_committed(rt, db, index, &framed(TAG_TXN, &TxnRequest { success, ..Default::default() })).unwrap();
+            apply_committed(rt, db, index, &frame(TAG_TXN, &TxnRequest { success, ..Default::default() })).unwrap();
         }
     }
 
@@ -594,15 +582,15 @@ mod tests {
         let mut index = 0;
         put_keys(&rt, &db, &mut index, KEYS, 1_500);
         let all = RangeRequest { key: vec![0], range_end: vec![0], ..Default::default() };
-        let r = RangeResponse::decode(rt.query("kv", &db, &framed(TAG_RANGE, &all)).unwrap().unwrap().as_slice()).unwrap();
+        let r = RangeResponse::decode(rt.query("kv", &db, &frame(TAG_RANGE, &all)).unwrap().unwrap().as_slice()).unwrap();
         assert_eq!((r.count, r.kvs.len()), (KEYS as i64, KEYS));
         assert_eq!(r.kvs[KEYS - 1].key, format!("key-{:07}", KEYS - 1).into_bytes());
         let kv = rt.machine("kv").unwrap();
         assert!(kv.readers.lock().unwrap().iter().all(|w| w.store.data().grown() <= KEEP_WARM_MEMORY));
         let del = DeleteRangeRequest { key: vec![0], range_end: vec![0], ..Default::default() };
-        let d = DeleteRangeResponse::decode(apply_committed(&rt, &db, &mut index, &framed(TAG_DELETE, &del)).unwrap().as_slice()).unwrap();
+        let d = DeleteRangeResponse::decode(apply_committed(&rt, &db, &mut index, &frame(TAG_DELETE, &del)).unwrap().as_slice()).unwrap();
         assert_eq!(d.deleted, KEYS as i64);
-        let r = RangeResponse::decode(rt.query("kv", &db, &framed(TAG_RANGE, &all)).unwrap().unwrap().as_slice()).unwrap();
+        let r = RangeResponse::decode(rt.query("kv", &db, &frame(TAG_RANGE, &all)).unwrap().unwrap().as_slice()).unwrap();
         assert_eq!(r.count, 0);
     }
 
@@ -619,12 +607,12 @@ mod tests {
         put_keys(&rt, &db, &mut index, KEYS, 8);
         let mut apply = |cmd: &[u8]| apply_committed(&rt, &db, &mut index, cmd);
         let all = DeleteRangeRequest { key: vec![0], range_end: vec![0], ..Default::default() };
-        apply(&framed(TAG_DELETE, &all)).unwrap();
+        apply(&frame(TAG_DELETE, &all)).unwrap();
         let live = PutRequest { key: b"live".to_vec(), value: b"1".to_vec(), ..Default::default() };
-        let rev = PutResponse::decode(apply(&framed(TAG_PUT, &live)).unwrap().as_slice()).unwrap().header.unwrap().revision;
+        let rev = PutResponse::decode(apply(&frame(TAG_PUT, &live)).unwrap().as_slice()).unwrap().header.unwrap().revision;
         let wasm = rt.validate(crate::server::DEFAULT_KV_MODULE).unwrap();
         rt.load(ModuleRecord::for_component("kv".into(), &wasm, 100_000_000, KV_MEMORY_BYTES, 2), &wasm).unwrap();
-        apply(&framed(TAG_COMPACT, &CompactionRequest { revision: rev, physical: false })).unwrap();
+        apply(&frame(TAG_COMPACT, &CompactionRequest { revision: rev, physical: false })).unwrap();
         let mut steps = 0;
         loop {
             steps += 1;
@@ -653,13 +641,13 @@ mod tests {
         for i in 0..300u64 {
             let put = PutRequest { key: format!("k{i:04}").into_bytes(), value: vec![b'v'; 100], ..Default::default() };
             let ctx = ApplyContext { index: i + 1, term: 1, timestamp_ms: 0 };
-            rt.apply("kv", &db, &mut batch.data, ctx, &framed(TAG_PUT, &put)).unwrap().unwrap();
+            rt.apply("kv", &db, &mut batch.data, ctx, &frame(TAG_PUT, &put)).unwrap().unwrap();
         }
         db.commit(batch).unwrap();
         let count = |out: Vec<u8>| RangeResponse::decode(out.as_slice()).unwrap().kvs.len();
 
-        let one = framed(TAG_RANGE, &RangeRequest { key: b"k0007".to_vec(), ..Default::default() });
-        let all = framed(TAG_RANGE, &RangeRequest { key: b"k".to_vec(), range_end: b"l".to_vec(), ..Default::default() });
+        let one = frame(TAG_RANGE, &RangeRequest { key: b"k0007".to_vec(), ..Default::default() });
+        let all = frame(TAG_RANGE, &RangeRequest { key: b"k".to_vec(), range_end: b"l".to_vec(), ..Default::default() });
         // 100 host reads, 25,000 fuel: enough for one key, not for 300.
         let slice = 100 * QUICK_FUEL_PER_READ;
         let quick = rt.query_within("kv", &db, &one, slice).unwrap().expect("a point read fits the slice");
@@ -679,8 +667,8 @@ mod tests {
     #[test]
     fn a_query_reads_one_state_while_batches_commit_under_it() {
         let (_dir, db, rt) = kv_runtime();
-        let put = |i: u64| framed(TAG_PUT, &PutRequest { key: b"k".to_vec(), value: i.to_be_bytes().to_vec(), ..Default::default() });
-        let get = framed(TAG_RANGE, &RangeRequest { key: b"k".to_vec(), ..Default::default() });
+        let put = |i: u64| frame(TAG_PUT, &PutRequest { key: b"k".to_vec(), value: i.to_be_bytes().to_vec(), ..Default::default() });
+        let get = frame(TAG_RANGE, &RangeRequest { key: b"k".to_vec(), ..Default::default() });
         std::thread::scope(|s| {
             // Joined when the scope ends, which re-raises a panic of the writer.
             let writer = s.spawn(|| {
@@ -710,7 +698,7 @@ mod tests {
         let mut index = 0;
         let mut apply = |msg: Vec<u8>| apply_committed(&rt, &db, &mut index, &msg).unwrap();
         let put = |i: u64| {
-            framed(TAG_PUT, &PutRequest { key: format!("k{i:04}").into_bytes(), value: vec![b'v'; 100], ..Default::default() })
+            frame(TAG_PUT, &PutRequest { key: format!("k{i:04}").into_bytes(), value: vec![b'v'; 100], ..Default::default() })
         };
         for i in 0..QUICK_APPLY_READS + 100 {
             apply(put(i));
@@ -720,7 +708,7 @@ mod tests {
 
         // Deleting every key reads more than QUICK_APPLY_READS rows.
         let all = DeleteRangeRequest { key: b"k".to_vec(), range_end: b"l".to_vec(), ..Default::default() };
-        let deleted = DeleteRangeResponse::decode(apply(framed(TAG_DELETE, &all)).as_slice()).unwrap().deleted;
+        let deleted = DeleteRangeResponse::decode(apply(frame(TAG_DELETE, &all)).as_slice()).unwrap().deleted;
         assert_eq!(deleted, (QUICK_APPLY_READS + 100) as i64);
         assert!(!rt.applies_quickly("kv"), "the range delete was heavy");
 
