@@ -50,6 +50,9 @@ const ERR_NO_LEADER: &str = "election: no leader";
 const ERR_MISSING_LEADER_KEY: &str = "\"leader\" field must be provided";
 const ERR_SESSION_EXPIRED: &str = "concurrency: session expired";
 
+/// Which kv events (key, event) a waiter wakes up for.
+type EventFilter = dyn Fn(&[u8], &Event) -> bool + Send + Sync;
+
 /// The recipes, over the services a client would use.
 #[derive(Clone)]
 pub struct Recipes {
@@ -91,6 +94,15 @@ fn create_revision_is(key: &[u8], rev: i64) -> Compare {
     }
 }
 
+/// A holder's key: `<name>/<lease in hex>`.
+fn holder_key(prefix: &[u8], lease: i64) -> Vec<u8> {
+    [prefix, format!("{lease:x}").as_bytes()].concat()
+}
+
+fn get(key: &[u8]) -> RangeRequest {
+    RangeRequest { key: key.to_vec(), ..Default::default() }
+}
+
 fn put_op(key: &[u8], value: &[u8], lease: i64) -> RequestOp {
     op(request_op::Request::RequestPut(PutRequest { key: key.to_vec(), value: value.to_vec(), lease, ..Default::default() }))
 }
@@ -100,14 +112,6 @@ fn range_of(r: &TxnResponse, i: usize) -> Option<&RangeResponse> {
         OpResponse::ResponseRange(rr) => Some(rr),
         _ => None,
     }
-}
-
-/// What a waiter saw on the events broadcast.
-enum Seen {
-    /// The awaited event.
-    Event,
-    /// Events were missed (the broadcast lagged): read the state again.
-    Lagged,
 }
 
 impl Recipes {
@@ -137,8 +141,9 @@ impl Recipes {
         self.kv.node.shared.events.subscribe()
     }
 
-    /// Wait on `live` for a kv event `wanted` accepts.
-    async fn next_event(&self, live: &mut broadcast::Receiver<Arc<CommittedEvents>>, wanted: impl Fn(&[u8], &Event) -> bool) -> Result<Seen, Status> {
+    /// Wait on `live` for a kv event `wanted` accepts, or until events were missed (the
+    /// broadcast lagged). Either way the caller reads the state again.
+    async fn next_event(&self, live: &mut broadcast::Receiver<Arc<CommittedEvents>>, wanted: impl Fn(&[u8], &Event) -> bool) -> Result<(), Status> {
         let mut stopped = self.stopped.clone();
         loop {
             let c = tokio::select! {
@@ -149,11 +154,11 @@ impl Recipes {
                 Ok(c) if c.machine == KV_MACHINE => {
                     let hit = c.events.iter().any(|(k, bytes)| Event::decode(bytes.as_slice()).is_ok_and(|e| wanted(k, &e)));
                     if hit {
-                        return Ok(Seen::Event);
+                        return Ok(());
                     }
                 }
                 Ok(_) => {}
-                Err(broadcast::error::RecvError::Lagged(_)) => return Ok(Seen::Lagged),
+                Err(broadcast::error::RecvError::Lagged(_)) => return Ok(()),
                 Err(broadcast::error::RecvError::Closed) => return Err(Status::unavailable("the server is stopping")),
             }
         }
@@ -184,12 +189,12 @@ impl Recipes {
     async fn lock(&self, name: &[u8], lease: i64) -> Result<LockResponse, Status> {
         let lease = self.session_lease(lease).await?;
         let prefix = prefix_of(name);
-        let key = [prefix.as_slice(), format!("{lease:x}").as_bytes()].concat();
+        let key = holder_key(&prefix, lease);
         let first = op(request_op::Request::RequestRange(by_create(&prefix, SortOrder::Ascend, 0)));
         let t = TxnRequest {
             compare: vec![create_revision_is(&key, 0)],
             success: vec![put_op(&key, b"", lease), first.clone()],
-            failure: vec![op(request_op::Request::RequestRange(RangeRequest { key: key.clone(), ..Default::default() })), first],
+            failure: vec![op(request_op::Request::RequestRange(get(&key))), first],
         };
         let r = self.txn(t).await?;
         // Whatever happens from here, a caller that gives up leaves no key behind.
@@ -200,12 +205,17 @@ impl Recipes {
             range_of(&r, 0).and_then(|rr| rr.kvs.first()).map(|kv| kv.create_revision).ok_or_else(|| Status::internal("lock key vanished in its txn"))?
         };
         let owner = range_of(&r, 1).and_then(|rr| rr.kvs.first()).map(|kv| kv.create_revision);
-        let header = if owner == Some(mine) { r.header.unwrap_or_default() } else { self.wait_deletes(&prefix, mine - 1).await? };
-        // The lease may have expired while waiting, taking the key with it.
-        let held = self.range(RangeRequest { key: key.clone(), ..Default::default() }).await?;
-        if held.kvs.first().map(|kv| kv.create_revision) != Some(mine) {
-            return Err(Status::unknown(ERR_SESSION_EXPIRED));
-        }
+        let header = if owner == Some(mine) {
+            r.header.unwrap_or_default()
+        } else {
+            let header = self.wait_deletes(&prefix, mine - 1).await?;
+            // The lease may have expired while waiting, taking the key with it.
+            let held = self.range(get(&key)).await?;
+            if held.kvs.first().map(|kv| kv.create_revision) != Some(mine) {
+                return Err(Status::unknown(ERR_SESSION_EXPIRED));
+            }
+            header
+        };
         guard.disarm();
         Ok(LockResponse { header: Some(header), key })
     }
@@ -214,14 +224,14 @@ impl Recipes {
     async fn campaign(&self, name: &[u8], lease: i64, value: &[u8]) -> Result<CampaignResponse, Status> {
         let lease = self.session_lease(lease).await?;
         let prefix = prefix_of(name);
-        let key = [prefix.as_slice(), format!("{lease:x}").as_bytes()].concat();
+        let key = holder_key(&prefix, lease);
         let t = TxnRequest {
             compare: vec![create_revision_is(&key, 0)],
             success: vec![put_op(&key, value, lease)],
-            failure: vec![op(request_op::Request::RequestRange(RangeRequest { key: key.clone(), ..Default::default() }))],
+            failure: vec![op(request_op::Request::RequestRange(get(&key)))],
         };
         let r = self.txn(t).await?;
-        let header = r.header.clone().unwrap_or_default();
+        let header = r.header.unwrap_or_default();
         let rev = if r.succeeded {
             header.revision
         } else {
@@ -276,11 +286,6 @@ impl Recipes {
     /// its value, until the client goes away or the server stops.
     async fn observe(self, prefix: Vec<u8>, tx: mpsc::Sender<Result<LeaderResponse, Status>>) {
         let mut last: Option<KeyValue> = None;
-        let send = |kv: KeyValue, tx: &mpsc::Sender<_>| {
-            let r = LeaderResponse { header: Some(header(&self.kv.node, kv.mod_revision)), kv: Some(kv) };
-            let tx = tx.clone();
-            async move { tx.send(Ok(r)).await.is_ok() }
-        };
         loop {
             let mut live = self.subscribe();
             let leader = match self.leader_of(&prefix).await {
@@ -290,30 +295,27 @@ impl Recipes {
                     return;
                 }
             };
-            let wait = match leader {
+            let wanted: Box<EventFilter> = match leader {
                 // No leader: the next put under the prefix may make one.
                 None => {
                     let p = prefix.clone();
-                    let put_under = move |k: &[u8], e: &Event| k.starts_with(&p) && e.r#type == EventType::Put as i32;
-                    tokio::select! {
-                        s = self.next_event(&mut live, put_under) => s,
-                        _ = tx.closed() => return,
-                    }
+                    Box::new(move |k, e| k.starts_with(&p) && e.r#type == EventType::Put as i32)
                 }
                 Some(kv) => {
                     if last.as_ref() != Some(&kv) {
                         last = Some(kv.clone());
-                        if !send(kv.clone(), &tx).await {
+                        let r = LeaderResponse { header: Some(header(&self.kv.node, kv.mod_revision)), kv: Some(kv.clone()) };
+                        if tx.send(Ok(r)).await.is_err() {
                             return;
                         }
                     }
                     // Any change to the leader key: a new value, or its deletion.
-                    let on_key = move |k: &[u8], _: &Event| k == kv.key.as_slice();
-                    tokio::select! {
-                        s = self.next_event(&mut live, on_key) => s,
-                        _ = tx.closed() => return,
-                    }
+                    Box::new(move |k, _| k == kv.key.as_slice())
                 }
+            };
+            let wait = tokio::select! {
+                s = self.next_event(&mut live, wanted) => s,
+                _ = tx.closed() => return,
             };
             if let Err(e) = wait {
                 let _ = tx.send(Err(e)).await;
