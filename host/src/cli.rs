@@ -12,6 +12,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::config::ServeConfig;
 use crate::proto::admin::admin_client::AdminClient;
 use crate::proto::admin::*;
+use crate::proto::etcdserverpb::maintenance_client::MaintenanceClient;
 
 #[derive(Parser)]
 #[command(name = "raftvm", version, about = "A Raft cluster of WebAssembly state machines, speaking etcd's v3 API")]
@@ -53,6 +54,10 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Save a member's state to a file, check a saved file, or restore one into a new
+    /// cluster member's data dir (etcdctl's `snapshot` commands).
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Load-generate against any etcd v3 endpoint (etcd or raftvm) and report throughput
     /// and latency percentiles.
     Bench(crate::bench::BenchArgs),
@@ -83,6 +88,47 @@ pub enum ModuleCommand {
         name: String,
         #[command(flatten)]
         client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum SnapshotCommand {
+    /// Stream the state of the one member named by --endpoints into FILE (etcd's
+    /// Maintenance.Snapshot, as `etcdctl snapshot save` does).
+    Save {
+        file: PathBuf,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Check FILE's integrity hash and print what it holds.
+    Status {
+        file: PathBuf,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Make a new member's data dir from FILE. Restore every member of the new cluster
+    /// from the same file, then start each with the same flags.
+    Restore {
+        file: PathBuf,
+        /// Path to the data directory (default: ${name}.etcd).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Human-readable name for this member.
+        #[arg(long, default_value = "default")]
+        name: String,
+        /// Initial cluster configuration for restore bootstrap.
+        #[arg(long, default_value = "default=http://localhost:2380")]
+        initial_cluster: String,
+        /// Initial cluster token for the cluster during restore bootstrap.
+        #[arg(long, default_value = "etcd-cluster")]
+        initial_cluster_token: String,
+        /// List of this member's peer URLs to advertise to the rest of the cluster.
+        #[arg(long, default_value = "http://localhost:2380")]
+        initial_advertise_peer_urls: String,
+        /// Ignore the integrity hash (to restore a bare archive, such as a Raft snapshot's
+        /// `snapshot/current.data` copied from a data dir).
+        #[arg(long)]
+        skip_hash_check: bool,
     },
 }
 
@@ -152,6 +198,7 @@ fn status_err(s: tonic::Status) -> anyhow::Error {
 pub async fn run_client(cmd: Command) -> Result<()> {
     match cmd {
         Command::Serve(_) => unreachable!("handled by main"),
+        Command::Snapshot(cmd) => run_snapshot(cmd).await?,
         Command::Bench(args) => crate::bench::run(args).await?,
         Command::Module(ModuleCommand::Install { name, file, fuel, memory_mb, client }) => {
             let wasm = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
@@ -250,6 +297,86 @@ pub async fn run_client(cmd: Command) -> Result<()> {
             if failed {
                 bail!("some endpoints failed");
             }
+        }
+    }
+    Ok(())
+}
+
+async fn run_snapshot(cmd: SnapshotCommand) -> Result<()> {
+    use crate::storage::backup;
+    match cmd {
+        SnapshotCommand::Save { file, client } => {
+            let eps = client.endpoints();
+            let [ep] = eps.as_slice() else {
+                bail!("snapshot must be requested to one selected node, not multiple {eps:?}");
+            };
+            // No command timeout: a big state takes as long as it takes to stream.
+            let ch = Endpoint::from_shared(ep.clone())?
+                .connect_timeout(client.dial_timeout)
+                .connect()
+                .await
+                .with_context(|| format!("connecting to {ep}"))?;
+            let mut stream = MaintenanceClient::new(ch)
+                .max_decoding_message_size(usize::MAX)
+                .snapshot(crate::proto::etcdserverpb::SnapshotRequest {})
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            let mut part = file.clone().into_os_string();
+            part.push(".part");
+            let part = PathBuf::from(part);
+            let result = async {
+                let mut out = std::fs::File::create(&part).with_context(|| format!("creating {}", part.display()))?;
+                while let Some(msg) = stream.message().await.map_err(status_err)? {
+                    std::io::Write::write_all(&mut out, &msg.blob)?;
+                }
+                out.sync_all()?;
+                drop(out);
+                backup::verify(&mut std::fs::File::open(&part)?, false)?;
+                std::fs::rename(&part, &file)?;
+                Ok::<_, anyhow::Error>(())
+            }
+            .await;
+            if result.is_err() {
+                let _ = std::fs::remove_file(&part);
+            }
+            result?;
+            println!("Snapshot saved at {}", file.display());
+        }
+        SnapshotCommand::Status { file, client } => {
+            let info = tokio::task::spawn_blocking(move || backup::status(&file)).await??;
+            if client.write_out == WriteOut::Json {
+                println!("{}", serde_json::to_string(&info)?);
+            } else {
+                let modules: Vec<String> = info.modules.iter().map(|(n, sha)| format!("{n}={}", &sha[..12.min(sha.len())])).collect();
+                println!("sha256, applied index, total keys, total size, modules");
+                println!("{}, {}, {}, {}, {}", info.sha256, info.applied_index, info.total_keys, info.total_size, modules.join(" "));
+            }
+        }
+        SnapshotCommand::Restore {
+            file,
+            data_dir,
+            name,
+            initial_cluster,
+            initial_cluster_token,
+            initial_advertise_peer_urls,
+            skip_hash_check,
+        } => {
+            let cfg = ServeConfig {
+                name,
+                data_dir,
+                initial_cluster,
+                initial_cluster_token,
+                initial_advertise_peer_urls,
+                ..ServeConfig::default()
+            };
+            let r = tokio::task::spawn_blocking(move || backup::restore(&file, &cfg, skip_hash_check)).await??;
+            println!(
+                "restored member {:x} at applied index {} into {}",
+                r.member_id,
+                r.applied_index,
+                r.data_dir.display()
+            );
         }
     }
     Ok(())

@@ -70,6 +70,8 @@ impl Server {
         )?;
         let data_dir = cfg.data_dir();
         std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+        // Backups a stopped process was sending.
+        let _ = std::fs::remove_dir_all(crate::storage::backup::scratch_dir(&data_dir));
 
         let raft_config = openraft::Config {
             cluster_name: cfg.initial_cluster_token.clone(),

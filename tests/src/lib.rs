@@ -415,6 +415,12 @@ impl Node {
         &self.args
     }
 
+    /// The value of `serve` flag `--NAME` on this node's command line.
+    pub fn serve_flag(&self, name: &str) -> Option<&str> {
+        let flag = format!("--{name}");
+        self.args.windows(2).find(|w| w[0] == flag).map(|w| w[1].as_str())
+    }
+
     fn spawn(&self) {
         let mut guard = self.child.lock().unwrap();
         assert!(guard.is_none(), "node {} is already running", self.name);
@@ -583,6 +589,16 @@ impl ClusterBuilder {
 
     /// Starts all nodes without waiting for anything.
     pub fn spawn_only(self) -> Cluster {
+        let cluster = self.create();
+        for n in &cluster.nodes {
+            n.spawn();
+        }
+        cluster
+    }
+
+    /// Lays out the nodes (directories, ports, command lines) without starting any; start
+    /// each with [`Cluster::restart`].
+    pub fn create(self) -> Cluster {
         assert!(self.size >= 1, "a cluster needs at least one node");
         raftvm_bin(); // fail on a missing binary before creating anything
         let tmp = tempfile::Builder::new().prefix("raftvm-it-").tempdir().expect("create temp dir");
@@ -651,11 +667,7 @@ impl ClusterBuilder {
                 }
             })
             .collect();
-        let cluster = Cluster { tmp: Some(tmp), nodes };
-        for n in &cluster.nodes {
-            n.spawn();
-        }
-        cluster
+        Cluster { tmp: Some(tmp), nodes }
     }
 }
 

@@ -75,6 +75,10 @@ impl Shared {
     pub fn db(&self) -> Arc<StateDb> {
         self.db.read().expect("poisoned").clone()
     }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
 }
 
 #[derive(Clone)]
@@ -94,6 +98,12 @@ fn state_root(data_dir: &Path) -> PathBuf {
     data_dir.join("state")
 }
 
+/// The state directory a new data dir starts with: `(state root, name of its first store)`.
+/// `state/CURRENT` names the live store.
+pub(crate) fn initial_state_dir(data_dir: &Path) -> (PathBuf, String) {
+    (state_root(data_dir), "state-0".to_string())
+}
+
 impl StateMachineStore {
     /// Open (or create) the state under `data_dir`, and load every installed machine.
     pub fn open(data_dir: &Path) -> anyhow::Result<Self> {
@@ -102,7 +112,7 @@ impl StateMachineStore {
         let current = match std::fs::read_to_string(root.join("CURRENT")) {
             Ok(s) => s.trim().to_string(),
             Err(_) => {
-                let name = "state-0".to_string();
+                let name = initial_state_dir(data_dir).1;
                 write_atomic(&root.join("CURRENT"), name.as_bytes())?;
                 name
             }
@@ -381,7 +391,7 @@ fn grant(db: &StateDb, batch: &mut PendingBatch, id: i64, ttl: i64) -> anyhow::R
     Ok(Response::Empty)
 }
 
-fn write_atomic(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::File::open(&tmp)?.sync_all()?;

@@ -26,6 +26,7 @@ use sha2::{Digest, Sha256};
 
 use crate::types::{decode, encode, LogId, MemberAttrs, StoredMembership};
 
+pub mod backup;
 pub mod leases;
 
 const CF_DATA: &str = "data";
@@ -307,6 +308,16 @@ impl StateDb {
         Ok(())
     }
 
+    /// Records in `data` (every machine's private store and the host's records there).
+    pub fn count_data(&self) -> Result<u64> {
+        let mut n = 0;
+        for item in self.db.iterator_cf(self.cf(CF_DATA), IteratorMode::Start) {
+            item?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// A consistent, openable copy of the whole store in `dir` (hard links where possible).
     pub fn checkpoint(&self, dir: &Path) -> Result<()> {
         let cp = rocksdb::checkpoint::Checkpoint::new(&self.db)?;
@@ -426,6 +437,10 @@ impl PendingBatch {
 
     pub fn set_member_attrs(&mut self, id: u64, attrs: &MemberAttrs) {
         self.meta.insert([MEMBER_PREFIX, &id.to_be_bytes()].concat(), Some(encode(attrs)));
+    }
+
+    pub fn remove_member_attrs(&mut self, id: u64) {
+        self.meta.insert([MEMBER_PREFIX, &id.to_be_bytes()].concat(), None);
     }
 
     pub fn remove_module(&mut self, name: &str) {
