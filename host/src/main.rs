@@ -19,9 +19,16 @@ fn main() {
                     tracing::warn!("--config-file is set: other command-line flags are ignored (as in etcd)");
                 }
                 let server = Server::start(cfg.resolve()?).await?;
-                shutdown_signal().await;
+                let removed = tokio::select! {
+                    _ = shutdown_signal() => false,
+                    _ = server.removed() => true,
+                };
                 tracing::info!("shutting down");
-                server.stop().await
+                server.stop().await?;
+                if removed {
+                    anyhow::bail!("the member has been permanently removed from the cluster");
+                }
+                Ok(())
             }
             other => run_client(other).await,
         }

@@ -266,6 +266,19 @@ impl Node {
         self.raft.metrics().borrow().membership_config.membership().get_node(&id).cloned()
     }
 
+    /// Whether `id` is missing from this member's configuration, and that configuration is
+    /// committed (so no leader change can bring back one that had `id`).
+    pub fn removed_from_config(&self, id: Option<NodeId>) -> bool {
+        let Some(id) = id else { return false };
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        let config = &m.membership_config;
+        match config.log_id() {
+            Some(at) => at.index <= self.commit_index.load(Ordering::Acquire) && config.membership().get_node(&id).is_none(),
+            None => false,
+        }
+    }
+
     pub fn term(&self) -> u64 {
         self.raft.metrics().borrow().current_term
     }
@@ -540,7 +553,10 @@ impl PeerService {
                 Ok(encode(&self.node.raft.append_entries(rpc).await))
             }
             CallKind::Vote => {
-                let rpc = decode(&data).map_err(bad_blob)?;
+                let rpc: openraft::raft::VoteRequest<NodeId> = decode(&data).map_err(bad_blob)?;
+                if self.node.removed_from_config(rpc.vote.leader_id().voted_for()) {
+                    return Err(tonic::Status::failed_precondition(crate::raft::network::ERR_MEMBER_REMOVED));
+                }
                 Ok(encode(&self.node.raft.vote(rpc).await))
             }
             CallKind::Forward => {

@@ -50,6 +50,7 @@ pub struct Server {
     pub peer_addr: std::net::SocketAddr,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    removed: watch::Receiver<bool>,
 }
 
 impl Server {
@@ -99,7 +100,10 @@ impl Server {
         let commit_index = log.commit_index();
         let sm = StateMachineStore::open(&data_dir)?;
         let shared = sm.shared();
-        let raft = Raft::new(id, Arc::new(raft_config), Network, log, sm).await.context("starting raft")?;
+        let (removed_tx, removed) = watch::channel(false);
+        let removed_tx = Arc::new(removed_tx);
+        let network = Network { removed: removed_tx.clone() };
+        let raft = Raft::new(id, Arc::new(raft_config), network, log, sm).await.context("starting raft")?;
 
         let node = Arc::new(Node {
             id,
@@ -187,6 +191,7 @@ impl Server {
         }));
 
         tasks.push(tokio::spawn(leader_callbacks(node.clone(), stopped.clone())));
+        tasks.push(tokio::spawn(leave_when_removed(node.clone(), removed_tx, stopped.clone())));
         tasks.push(tokio::spawn(install_default_kv(node.clone(), stopped.clone())));
         tasks.push(tokio::spawn(crate::lessor::run_expiry(node.clone(), stopped.clone())));
         tasks.push(tokio::spawn(crate::compactor::finish_pending(node.clone(), stopped.clone())));
@@ -205,7 +210,14 @@ impl Server {
             }
         }
         tracing::info!(name = %cfg.name, id = format!("{id:x}"), %client_addr, %peer_addr, "raftvm node started");
-        Ok(Self { node, client_addr, peer_addr, stop, tasks })
+        Ok(Self { node, client_addr, peer_addr, stop, tasks, removed })
+    }
+
+    /// Resolves once this member has been removed from the cluster (etcd's MemberRemove);
+    /// it then serves nothing useful and should be stopped, as etcd stops such a member.
+    pub async fn removed(&self) {
+        let mut r = self.removed.clone();
+        let _ = r.wait_for(|v| *v).await;
     }
 
     /// Stop serving and shut Raft down.
@@ -222,6 +234,35 @@ impl Server {
 async fn bind(url: &str) -> Result<TcpListener> {
     let addr = bind_addr(url)?;
     TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))
+}
+
+/// Report when this member is no longer in the cluster: its own committed configuration
+/// lacks it, or a peer answered a vote request with [`crate::raft::network::ERR_MEMBER_REMOVED`] (a removed
+/// member may never receive the entry that removed it).
+async fn leave_when_removed(node: Arc<Node>, removed: Arc<watch::Sender<bool>>, mut stopped: watch::Receiver<bool>) {
+    let mut metrics = node.raft.metrics();
+    let mut told = removed.subscribe();
+    loop {
+        metrics.borrow_and_update();
+        if *told.borrow_and_update() || node.removed_from_config(Some(node.id)) {
+            tracing::error!("the member has been permanently removed from the cluster");
+            // A leader that removed itself is still answering that call (and maybe
+            // others): let them finish, within bounds.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while node.shared.commands_in_flight.load(std::sync::atomic::Ordering::Relaxed) > 0
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            removed.send_replace(true);
+            return;
+        }
+        tokio::select! {
+            r = metrics.changed() => if r.is_err() { return },
+            r = told.changed() => if r.is_err() { return },
+            _ = stopped.wait_for(|v| *v) => return,
+        }
+    }
 }
 
 /// Call every machine's `on-leader-change` when this node gains or loses leadership.

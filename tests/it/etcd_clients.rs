@@ -186,7 +186,7 @@ fn etcd_client_crate_on_three_members() {
 /// etcd's Cluster.MemberList: every member with its id (the member id of its response
 /// headers), name, peer URL and published client URLs, through etcdctl (`member list`,
 /// and the `--cluster` forms of `endpoint health` and `endpoint status`, which dial the
-/// client URLs it lists) and the Rust client. Membership changes answer Unimplemented.
+/// client URLs it lists) and the Rust client. Adding members answers Unimplemented.
 #[test]
 fn member_list_on_three_members() {
     let cluster = start_kv_cluster(3);
@@ -648,4 +648,70 @@ fn etcd_client_crate_election() {
         a.resign(Some(ResignOptions::new().with_leader(a_key))).await.expect("resign again");
         assert_eq!(o.leader("el").await.unwrap().kv().map(|kv| kv.value().to_vec()), Some(b"b1".to_vec()));
     });
+}
+
+/// etcd's Cluster.MemberRemove through etcdctl: a follower passes the call to the leader;
+/// the removed member stops itself (a follower learns it from the others' answers to its
+/// vote requests, the leader from its own configuration); writes go on with the members
+/// left, data intact; an unknown id and the last member are refused with etcd's errors.
+#[test]
+fn member_remove_shrinks_the_cluster() {
+    let c = start_kv_cluster(3);
+    let leader = c.leader();
+    let (f1, f2) = match leader {
+        0 => (1, 2),
+        1 => (0, 2),
+        _ => (0, 1),
+    };
+    let id = |i: usize| u64::from_str_radix(&c.status(i).expect("status").member_id, 16).expect("hex id");
+    let (leader_id, f1_id, f2_id) = (id(leader), id(f1), id(f2));
+    assert_eq!(etcdctl(&c.endpoint(leader), &["put", "k", "v"], "").ok(), "OK");
+    let listed = |i: usize| -> Vec<u64> {
+        let out = etcdctl(&c.endpoint(i), &["member", "list", "-w", "json"], "");
+        let v: serde_json::Value = serde_json::from_str(out.ok()).expect("member list json");
+        let mut ids: Vec<u64> = v["members"].as_array().expect("members").iter().map(|m| m["ID"].as_u64().unwrap()).collect();
+        ids.sort();
+        ids
+    };
+
+    // A follower reaches the leader at the client URL the leader publishes after it starts.
+    raftvm_tests::poll_until(Duration::from_secs(20), "every member's client URLs", || {
+        let out = etcdctl(&c.endpoint(f1), &["member", "list"], "");
+        if out.success() && out.stdout.lines().filter(|l| l.contains(", started, ") && !l.ends_with(", , false")).count() == 3 {
+            Ok(())
+        } else {
+            Err(format!("{out:?}"))
+        }
+    });
+    let unknown = etcdctl(&c.endpoint(f1), &["member", "remove", "1234"], "");
+    assert!(unknown.err().contains("etcdserver: member not found"), "{unknown:?}");
+
+    // A follower removed through the other follower.
+    let out = etcdctl(&c.endpoint(f1), &["member", "remove", &format!("{f2_id:x}")], "");
+    assert!(out.ok().starts_with(&format!("Member {f2_id:x} removed from cluster")), "{out:?}");
+    let st = c.node(f2).wait_exit(Duration::from_secs(30)).expect("the removed follower to stop");
+    assert!(!st.success(), "{st}");
+    assert!(c.node(f2).log_contents().contains("permanently removed from the cluster"));
+    let mut left = vec![leader_id, f1_id];
+    left.sort();
+    assert_eq!(listed(f1), left);
+    assert_eq!(etcdctl(&c.endpoint(f1), &["put", "k2", "v2"], "").ok(), "OK");
+
+    // The leader removed through the follower: the follower goes on alone.
+    let out = etcdctl(&c.endpoint(f1), &["member", "remove", &format!("{leader_id:x}")], "");
+    assert!(out.ok().starts_with(&format!("Member {leader_id:x} removed from cluster")), "{out:?}");
+    c.node(leader).wait_exit(Duration::from_secs(30)).expect("the removed leader to stop");
+    raftvm_tests::poll_until(Duration::from_secs(30), "the last member to take writes", || {
+        let out = etcdctl(&c.endpoint(f1), &["put", "k3", "v3"], "");
+        if out.success() {
+            Ok(())
+        } else {
+            Err(format!("{out:?}"))
+        }
+    });
+    assert_eq!(listed(f1), vec![f1_id]);
+    let last = etcdctl(&c.endpoint(f1), &["member", "remove", &format!("{f1_id:x}")], "");
+    assert!(last.err().contains("not enough started members"), "{last:?}");
+    let got = etcdctl(&c.endpoint(f1), &["get", "k", "--print-value-only"], "");
+    assert_eq!(got.ok(), "v");
 }

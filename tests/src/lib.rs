@@ -480,6 +480,26 @@ impl Node {
         }
     }
 
+    /// Waits up to `timeout` for the process to exit on its own and reaps it; `None` if it
+    /// is still running then (or was not running).
+    pub fn wait_exit(&self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            {
+                let mut guard = self.child.lock().unwrap();
+                let c = guard.as_mut()?;
+                if let Some(st) = c.try_wait().expect("try_wait node") {
+                    *guard = None;
+                    return Some(st);
+                }
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGKILL and reap. No-op if not running.
     pub fn kill(&self) -> Option<ExitStatus> {
         let mut guard = self.child.lock().unwrap();

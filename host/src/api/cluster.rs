@@ -1,12 +1,18 @@
-//! etcd's `Cluster` service: MemberList. Membership changes are not offered: a raftvm
-//! cluster's members are fixed at bootstrap (`--initial-cluster`).
+//! etcd's `Cluster` service: MemberList and MemberRemove. Adding members is not offered:
+//! a raftvm cluster's members come from `--initial-cluster` at bootstrap.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Duration;
 
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::ChangeMembers;
 use tonic::{Request, Response, Status};
 
 use super::etcd_kv::{header, kv_revision};
 use crate::node::Node;
+use crate::raft::state_machine::InFlight;
+use crate::proto::etcdserverpb::cluster_client::ClusterClient;
 use crate::proto::etcdserverpb::cluster_server::Cluster;
 use crate::proto::etcdserverpb::*;
 
@@ -15,8 +21,19 @@ pub struct ClusterService {
 }
 
 fn unsupported(what: &str) -> Status {
-    Status::unimplemented(format!("raftvm: {what} is not supported: members are fixed by --initial-cluster"))
+    Status::unimplemented(format!("raftvm: {what} is not supported: members come from --initial-cluster"))
 }
+
+/// Marks a request a follower passed to the leader, so it is passed on at most once.
+const FORWARDED: &str = "raftvm-forwarded";
+/// How long a membership change may take to commit (its joint and its final config).
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+
+const ERR_MEMBER_NOT_FOUND: &str = "etcdserver: member not found";
+const ERR_NOT_ENOUGH_MEMBERS: &str = "etcdserver: re-configuration failed due to not enough started members";
+const ERR_NO_LEADER: &str = "etcdserver: no leader";
+const ERR_LEADER_CHANGED: &str = "etcdserver: leader changed";
+const ERR_TIMEOUT: &str = "etcdserver: request timed out";
 
 impl ClusterService {
     /// Every member of the current configuration, voters and learners, in id order, with
@@ -42,6 +59,32 @@ impl ClusterService {
     }
 }
 
+impl ClusterService {
+    /// Pass a MemberRemove to the leader, at the first client URL it published.
+    async fn remove_through(&self, leader: u64, id: u64) -> Result<Response<MemberRemoveResponse>, Status> {
+        let attrs = self.node.shared.db().member_attrs().map_err(|e| Status::internal(format!("{e:#}")))?;
+        let Some(url) = attrs.get(&leader).and_then(|a| a.client_urls.first()).cloned() else {
+            return Err(Status::unavailable(format!(
+                "raftvm: the leader ({leader:x}) has not published its client URLs yet; retry, or ask the leader"
+            )));
+        };
+        let channel = tonic::transport::Endpoint::from_shared(url)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(CHANGE_TIMEOUT + Duration::from_secs(2))
+            .connect()
+            .await
+            .map_err(|_| Status::unavailable(ERR_NO_LEADER))?;
+        let mut req = Request::new(MemberRemoveRequest { id });
+        req.metadata_mut().insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+        let mut resp = ClusterClient::new(channel).member_remove(req).await?;
+        // The header is this member's, as for every other call it answers.
+        let revision = resp.get_ref().header.map(|h| h.revision).unwrap_or(0);
+        resp.get_mut().header = Some(header(&self.node, revision));
+        Ok(resp)
+    }
+}
+
 #[tonic::async_trait]
 impl Cluster for ClusterService {
     async fn member_list(&self, _req: Request<MemberListRequest>) -> Result<Response<MemberListResponse>, Status> {
@@ -54,8 +97,46 @@ impl Cluster for ClusterService {
         Err(unsupported("MemberAdd"))
     }
 
-    async fn member_remove(&self, _req: Request<MemberRemoveRequest>) -> Result<Response<MemberRemoveResponse>, Status> {
-        Err(unsupported("MemberRemove"))
+    /// As etcd: the member leaves the configuration (openraft's joint consensus, on the
+    /// leader; a follower passes the call to the leader's client URL) and the answer lists
+    /// the members left. The removed member stops itself once it learns of the change
+    /// (`server::leave_when_removed`).
+    async fn member_remove(&self, req: Request<MemberRemoveRequest>) -> Result<Response<MemberRemoveResponse>, Status> {
+        let forwarded = req.metadata().contains_key(FORWARDED);
+        let id = req.into_inner().id;
+        match self.node.leader() {
+            Some(l) if l == self.node.id => {}
+            Some(_) if forwarded => return Err(Status::unavailable(ERR_LEADER_CHANGED)),
+            Some(l) => return self.remove_through(l, id).await,
+            None => return Err(Status::unavailable(ERR_NO_LEADER)),
+        }
+        let config = self.node.raft.metrics().borrow().membership_config.clone();
+        let membership = config.membership();
+        if membership.get_node(&id).is_none() {
+            return Err(Status::not_found(ERR_MEMBER_NOT_FOUND));
+        }
+        let voters: BTreeSet<_> = membership.voter_ids().collect();
+        let change = if !voters.contains(&id) {
+            ChangeMembers::RemoveNodes([id].into())
+        } else if voters.len() == 1 {
+            return Err(Status::failed_precondition(ERR_NOT_ENOUGH_MEMBERS));
+        } else {
+            ChangeMembers::RemoveVoters([id].into())
+        };
+        tracing::info!(member = format!("{id:x}"), "removing a member");
+        // Counted in flight, so a leader removing itself answers before it stops.
+        let _in_flight = InFlight::new(&self.node.shared.commands_in_flight, 1);
+        match tokio::time::timeout(CHANGE_TIMEOUT, self.node.raft.change_membership(change, false)).await {
+            Err(_) => return Err(Status::unavailable(ERR_TIMEOUT)),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+                return Err(Status::unavailable(ERR_LEADER_CHANGED))
+            }
+            Ok(Err(e)) => return Err(Status::failed_precondition(format!("etcdserver: {e}"))),
+            Ok(Ok(_)) => {}
+        }
+        let members = self.members()?;
+        let revision = kv_revision(&self.node).await;
+        Ok(Response::new(MemberRemoveResponse { header: Some(header(&self.node, revision)), members }))
     }
 
     async fn member_update(&self, _req: Request<MemberUpdateRequest>) -> Result<Response<MemberUpdateResponse>, Status> {

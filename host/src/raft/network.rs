@@ -55,8 +55,16 @@ pub fn peer_link(url: &str) -> anyhow::Result<Arc<PeerLink>> {
     Ok(l)
 }
 
-#[derive(Clone, Default)]
-pub struct Network;
+/// What a member answers to a vote request from a member its committed configuration no
+/// longer has: the sender learns that it was removed (it may never receive the entry that
+/// removed it, since the leader stops replicating to it).
+pub const ERR_MEMBER_REMOVED: &str = "raftvm: the member has been permanently removed from the cluster";
+
+#[derive(Clone)]
+pub struct Network {
+    /// Set when a peer answers [`ERR_MEMBER_REMOVED`] (see `server::leave_when_removed`).
+    pub removed: Arc<tokio::sync::watch::Sender<bool>>,
+}
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerConn;
@@ -68,13 +76,14 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     /// 2 connects per read). A heartbeat does not queue behind a large AppendEntries: calls
     /// over 256 KiB go as unary calls on HTTP/2 streams of their own (see [`PeerLink`]).
     async fn new_client(&mut self, target: NodeId, node: &Member) -> Self::Network {
-        PeerConn { target, link: peer_link(&node.peer_url).map_err(|e| e.to_string()) }
+        PeerConn { target, link: peer_link(&node.peer_url).map_err(|e| e.to_string()), removed: self.removed.clone() }
     }
 }
 
 pub struct PeerConn {
     target: NodeId,
     link: Result<Arc<PeerLink>, String>,
+    removed: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -116,6 +125,9 @@ impl PeerConn {
         let data = match reply {
             Ok(d) => d,
             Err(status) => {
+                if status.code() == tonic::Code::FailedPrecondition && status.message() == ERR_MEMBER_REMOVED {
+                    self.removed.send_replace(true);
+                }
                 let err = AnyError::error(format!("{which:?} to node {:x}: {status}", self.target));
                 return Err(match status.code() {
                     tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
