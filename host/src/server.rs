@@ -100,9 +100,10 @@ impl Server {
         let commit_index = log.commit_index();
         let sm = StateMachineStore::open(&data_dir)?;
         let shared = sm.shared();
+        // Peers telling this member it was removed (`Network`), and this member announcing it.
+        let (told_removed, told) = watch::channel(false);
         let (removed_tx, removed) = watch::channel(false);
-        let removed_tx = Arc::new(removed_tx);
-        let network = Network { removed: removed_tx.clone() };
+        let network = Network { removed: Arc::new(told_removed) };
         let raft = Raft::new(id, Arc::new(raft_config), network, log, sm).await.context("starting raft")?;
 
         let node = Arc::new(Node {
@@ -191,7 +192,7 @@ impl Server {
         }));
 
         tasks.push(tokio::spawn(leader_callbacks(node.clone(), stopped.clone())));
-        tasks.push(tokio::spawn(leave_when_removed(node.clone(), removed_tx, stopped.clone())));
+        tasks.push(tokio::spawn(leave_when_removed(node.clone(), told, removed_tx, stopped.clone())));
         tasks.push(tokio::spawn(install_default_kv(node.clone(), stopped.clone())));
         tasks.push(tokio::spawn(crate::lessor::run_expiry(node.clone(), stopped.clone())));
         tasks.push(tokio::spawn(crate::compactor::finish_pending(node.clone(), stopped.clone())));
@@ -237,11 +238,16 @@ async fn bind(url: &str) -> Result<TcpListener> {
 }
 
 /// Report when this member is no longer in the cluster: its own committed configuration
-/// lacks it, or a peer answered a vote request with [`crate::raft::network::ERR_MEMBER_REMOVED`] (a removed
-/// member may never receive the entry that removed it).
-async fn leave_when_removed(node: Arc<Node>, removed: Arc<watch::Sender<bool>>, mut stopped: watch::Receiver<bool>) {
+/// lacks it, or a peer answered a vote request with
+/// [`crate::raft::network::ERR_MEMBER_REMOVED`] (`told`; a removed member may never receive
+/// the entry that removed it).
+async fn leave_when_removed(
+    node: Arc<Node>,
+    mut told: watch::Receiver<bool>,
+    removed: watch::Sender<bool>,
+    mut stopped: watch::Receiver<bool>,
+) {
     let mut metrics = node.raft.metrics();
-    let mut told = removed.subscribe();
     loop {
         metrics.borrow_and_update();
         if *told.borrow_and_update() || node.removed_from_config(Some(node.id)) {

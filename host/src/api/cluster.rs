@@ -57,9 +57,7 @@ impl ClusterService {
         members.sort_by_key(|m| m.id);
         Ok(members)
     }
-}
 
-impl ClusterService {
     /// Pass a MemberRemove to the leader, at the first client URL it published.
     async fn remove_through(&self, leader: u64, id: u64) -> Result<Response<MemberRemoveResponse>, Status> {
         let attrs = self.node.shared.db().member_attrs().map_err(|e| Status::internal(format!("{e:#}")))?;
