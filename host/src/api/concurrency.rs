@@ -196,9 +196,11 @@ impl Recipes {
             success: vec![put_op(&key, b"", lease), first.clone()],
             failure: vec![op(request_op::Request::RequestRange(get(&key))), first],
         };
-        let r = self.txn(t).await?;
-        // Whatever happens from here, a caller that gives up leaves no key behind.
+        // Whatever happens from here, a caller that gives up leaves no key behind: armed
+        // before the txn, since a caller can give up while the txn is being applied (after
+        // the key became visible to others). etcd's Mutex unlocks on any error likewise.
         let guard = self.cleanup_guard(&key, None);
+        let r = self.txn(t).await?;
         let mine = if r.succeeded {
             r.header.as_ref().map_or(0, |h| h.revision)
         } else {
