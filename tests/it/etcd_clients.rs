@@ -686,9 +686,9 @@ fn member_remove_shrinks_the_cluster() {
     let unknown = etcdctl(&c.endpoint(f1), &["member", "remove", "1234"], "");
     assert!(unknown.err().contains("etcdserver: member not found"), "{unknown:?}");
 
-    // A follower removed through the other follower.
+    // A follower removed through the other follower. (etcdctl prints ids as `%16x`.)
     let out = etcdctl(&c.endpoint(f1), &["member", "remove", &format!("{f2_id:x}")], "");
-    assert!(out.ok().starts_with(&format!("Member {f2_id:x} removed from cluster")), "{out:?}");
+    assert!(out.ok().starts_with(&format!("Member {f2_id:16x} removed from cluster")), "{out:?}");
     let st = c.node(f2).wait_exit(Duration::from_secs(30)).expect("the removed follower to stop");
     assert!(!st.success(), "{st}");
     assert!(c.node(f2).log_contents().contains("permanently removed from the cluster"));
@@ -699,7 +699,7 @@ fn member_remove_shrinks_the_cluster() {
 
     // The leader removed through the follower: the follower goes on alone.
     let out = etcdctl(&c.endpoint(f1), &["member", "remove", &format!("{leader_id:x}")], "");
-    assert!(out.ok().starts_with(&format!("Member {leader_id:x} removed from cluster")), "{out:?}");
+    assert!(out.ok().starts_with(&format!("Member {leader_id:16x} removed from cluster")), "{out:?}");
     c.node(leader).wait_exit(Duration::from_secs(30)).expect("the removed leader to stop");
     raftvm_tests::poll_until(Duration::from_secs(30), "the last member to take writes", || {
         let out = etcdctl(&c.endpoint(f1), &["put", "k3", "v3"], "");
