@@ -519,26 +519,21 @@ impl Node {
 
     /// SIGTERM, wait up to `grace` for exit, then SIGKILL. Returns the exit status.
     pub fn stop(&self, grace: Duration) -> Option<ExitStatus> {
-        let mut guard = self.child.lock().unwrap();
-        let mut c = guard.take()?;
-        // SAFETY: plain kill(2) on our own child's pid, which we have not reaped yet.
-        unsafe {
-            libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
-            // A node a test froze ([`Cluster::pause`]) acts on SIGTERM once thawed.
-            libc::kill(c.id() as libc::pid_t, libc::SIGCONT);
-        }
-        let deadline = Instant::now() + grace;
-        loop {
-            if let Some(st) = c.try_wait().expect("try_wait node") {
-                return Some(st);
+        {
+            let guard = self.child.lock().unwrap();
+            let c = guard.as_ref()?;
+            // SAFETY: plain kill(2) on our own child's pid, which we have not reaped yet.
+            unsafe {
+                libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+                // A node a test froze ([`Cluster::pause`]) acts on SIGTERM once thawed.
+                libc::kill(c.id() as libc::pid_t, libc::SIGCONT);
             }
-            if Instant::now() >= deadline {
-                eprintln!("[harness] node {} ignored SIGTERM for {grace:?}; killing it", self.name);
-                let _ = c.kill();
-                return Some(c.wait().expect("wait killed node"));
-            }
-            std::thread::sleep(Duration::from_millis(20));
         }
+        if let Some(st) = self.wait_exit(grace) {
+            return Some(st);
+        }
+        eprintln!("[harness] node {} ignored SIGTERM for {grace:?}; killing it", self.name);
+        self.kill()
     }
 
     /// The last `n` lines of this node's log, framed for printing.

@@ -10,7 +10,8 @@ use openraft::ChangeMembers;
 use tonic::{Request, Response, Status};
 
 use super::etcd_kv::{header, kv_revision};
-use crate::node::Node;
+use super::node_status;
+use crate::node::{Node, NodeError};
 use crate::raft::state_machine::InFlight;
 use crate::proto::etcdserverpb::cluster_client::ClusterClient;
 use crate::proto::etcdserverpb::cluster_server::Cluster;
@@ -31,9 +32,6 @@ const CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 
 const ERR_MEMBER_NOT_FOUND: &str = "etcdserver: member not found";
 const ERR_NOT_ENOUGH_MEMBERS: &str = "etcdserver: re-configuration failed due to not enough started members";
-const ERR_NO_LEADER: &str = "etcdserver: no leader";
-const ERR_LEADER_CHANGED: &str = "etcdserver: leader changed";
-const ERR_TIMEOUT: &str = "etcdserver: request timed out";
 
 impl ClusterService {
     /// Every member of the current configuration, voters and learners, in id order, with
@@ -72,7 +70,7 @@ impl ClusterService {
             .timeout(CHANGE_TIMEOUT + Duration::from_secs(2))
             .connect()
             .await
-            .map_err(|_| Status::unavailable(ERR_NO_LEADER))?;
+            .map_err(|_| node_status(NodeError::NoLeader))?;
         let mut req = Request::new(MemberRemoveRequest { id });
         req.metadata_mut().insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
         let mut resp = ClusterClient::new(channel).member_remove(req).await?;
@@ -104,9 +102,9 @@ impl Cluster for ClusterService {
         let id = req.into_inner().id;
         match self.node.leader() {
             Some(l) if l == self.node.id => {}
-            Some(_) if forwarded => return Err(Status::unavailable(ERR_LEADER_CHANGED)),
+            Some(_) if forwarded => return Err(node_status(NodeError::LeaderChanged)),
             Some(l) => return self.remove_through(l, id).await,
-            None => return Err(Status::unavailable(ERR_NO_LEADER)),
+            None => return Err(node_status(NodeError::NoLeader)),
         }
         let config = self.node.raft.metrics().borrow().membership_config.clone();
         let membership = config.membership();
@@ -125,9 +123,9 @@ impl Cluster for ClusterService {
         // Counted in flight, so a leader removing itself answers before it stops.
         let _in_flight = InFlight::new(&self.node.shared.commands_in_flight, 1);
         match tokio::time::timeout(CHANGE_TIMEOUT, self.node.raft.change_membership(change, false)).await {
-            Err(_) => return Err(Status::unavailable(ERR_TIMEOUT)),
+            Err(_) => return Err(node_status(NodeError::Timeout)),
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
-                return Err(Status::unavailable(ERR_LEADER_CHANGED))
+                return Err(node_status(NodeError::LeaderChanged))
             }
             Ok(Err(e)) => return Err(Status::failed_precondition(format!("etcdserver: {e}"))),
             Ok(Ok(_)) => {}
