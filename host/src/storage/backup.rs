@@ -136,7 +136,7 @@ pub struct BackupInfo {
     pub applied_index: u64,
     /// Installed machines, name → module sha256.
     pub modules: Vec<(String, String)>,
-    /// Records of every machine's private store.
+    /// Records of the data family: every machine's private store and the host's lease table.
     pub total_keys: u64,
     /// Bytes of the file.
     pub total_size: u64,
