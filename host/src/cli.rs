@@ -126,7 +126,7 @@ pub enum SnapshotCommand {
         #[arg(long, default_value = "http://localhost:2380")]
         initial_advertise_peer_urls: String,
         /// Ignore the integrity hash (to restore a bare archive, such as a Raft snapshot's
-        /// `snapshot/current.data` copied from a data dir).
+        /// `snapshot/<id>.data` copied from a data dir).
         #[arg(long)]
         skip_hash_check: bool,
     },

@@ -151,7 +151,7 @@ openraft::declare_raft_types!(
         R = Response,
         NodeId = NodeId,
         Node = Member,
-        SnapshotData = std::io::Cursor<Vec<u8>>,
+        SnapshotData = crate::raft::snapshot::SnapshotFile,
 );
 
 pub type LogId = openraft::LogId<NodeId>;

@@ -4,4 +4,5 @@ pub mod lease;
 pub mod link;
 pub mod log_store;
 pub mod network;
+pub mod snapshot;
 pub mod state_machine;

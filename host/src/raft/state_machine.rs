@@ -2,11 +2,10 @@
 //! Wasm runtime and commits each applied batch with one RocksDB write batch that also
 //! records the last applied log id.
 //!
-//! Snapshots are RocksDB checkpoints of the state DB packed into a tar archive; installing
-//! one unpacks it into a fresh state directory and swaps it in (`state/CURRENT` names the
-//! live one).
+//! Snapshots are RocksDB checkpoints of the state DB packed into a tar archive in a file
+//! (see [`crate::raft::snapshot`]); installing one unpacks it into a fresh state directory
+//! and swaps it in (`state/CURRENT` names the live one).
 
-use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -16,10 +15,12 @@ use openraft::storage::RaftStateMachine;
 use openraft::{AnyError, EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftSnapshotBuilder, Snapshot};
 use tokio::sync::broadcast;
 
+use crate::raft::snapshot::{self, SnapshotFile};
+use crate::storage::backup;
 use crate::lessor::{Lessor, ERR_LEASE_EXISTS, ERR_LEASE_NOT_FOUND, ERR_LEASE_TTL_TOO_LARGE, MAX_LEASE_TTL};
 use crate::runtime::{ApplyContext, Runtime};
 use crate::storage::leases::{attach_key, attached_keys, encode_lease, get_lease, lease_key, list_leases, machine_attach_prefix, LeaseRecord};
-use crate::storage::{machine_prefix, prefix_end, sha256_hex, ModuleRecord, PendingBatch, StateDb};
+use crate::storage::{machine_prefix, prefix_end, ModuleRecord, PendingBatch, StateDb};
 use crate::types::{
     ApplyError, ApplyErrorKind, Entry, LogId, MemberAttrs, Request, Response, SnapshotMeta, StorageError, StoredMembership,
     TypeConfig,
@@ -45,10 +46,9 @@ pub struct Shared {
     /// Lease deadlines (not replicated; see `lessor`), kept in step with the applied table.
     pub leases: Lessor,
     snapshot_seq: AtomicU64,
-    /// Held while `snapshot/current.{meta,data}` are written or read. openraft builds a
-    /// snapshot on a task of its own, so without it a leader could read the old meta and
-    /// the new data while sending a snapshot to a follower, which then refuses it (content
-    /// and metadata disagree) and stops.
+    /// Held while the current snapshot is replaced or opened. openraft builds a snapshot
+    /// on a task of its own, so without it a leader could read the old metadata and find
+    /// its data file just removed by the new snapshot.
     snapshot_files: std::sync::Mutex<()>,
     /// Client commands this node is proposing or forwarding and has not answered yet.
     pub commands_in_flight: AtomicUsize,
@@ -126,6 +126,7 @@ impl StateMachineStore {
                 std::fs::remove_dir_all(entry.path())?;
             }
         }
+        snapshot::clean(&snapshot::dir(data_dir)).context("cleaning the snapshot directory")?;
         let seq = current.strip_prefix("state-").and_then(|s| s.parse().ok()).unwrap_or(0);
         let db = Arc::new(StateDb::open(&root.join(&current))?);
         let runtime = Arc::new(Runtime::new(&data_dir.join("cache"))?);
@@ -152,16 +153,7 @@ impl StateMachineStore {
     }
 
     fn snapshot_dir(&self) -> PathBuf {
-        self.shared.data_dir.join("snapshot")
-    }
-
-    fn save_snapshot(&self, meta: &SnapshotMeta, data: &[u8]) -> anyhow::Result<()> {
-        let dir = self.snapshot_dir();
-        std::fs::create_dir_all(&dir)?;
-        let _files = self.shared.snapshot_files.lock().expect("poisoned");
-        write_atomic(&dir.join("current.data"), data)?;
-        write_atomic(&dir.join("current.meta"), &crate::types::encode(meta))?;
-        Ok(())
+        snapshot::dir(&self.shared.data_dir)
     }
 
     fn install(&self, batch: &mut PendingBatch, name: String, wasm: Vec<u8>, fuel: u64, memory_bytes: u64, index: u64) -> Response {
@@ -399,13 +391,6 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Pack a directory (flat, as RocksDB checkpoints are) into a tar archive in memory.
-fn pack_dir(dir: &Path) -> anyhow::Result<Vec<u8>> {
-    let mut ar = tar::Builder::new(Vec::new());
-    ar.append_dir_all(".", dir)?;
-    Ok(ar.into_inner()?)
-}
-
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
     type SnapshotBuilder = Self;
 
@@ -437,36 +422,38 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotFile>, StorageError> {
+        let dir = self.snapshot_dir();
+        let file = tokio::task::spawn_blocking(move || snapshot::create_incoming(&dir))
+            .await
+            .map_err(|e| snap_err(ErrorVerb::Write, e))?
+            .map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        Ok(Box::new(file))
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError> {
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Box<SnapshotFile>) -> Result<(), StorageError> {
         let this = self.clone();
         let meta = meta.clone();
-        tokio::task::spawn_blocking(move || this.install_snapshot_data(&meta, snapshot.into_inner()))
+        let (file, path) = snapshot.into_std().await;
+        tokio::task::spawn_blocking(move || this.install_snapshot_data(&meta, file, &path))
             .await
             .map_err(|e| snap_err(ErrorVerb::Write, e))?
             .map_err(|e| snap_err(ErrorVerb::Write, e))
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let dir = self.snapshot_dir();
-        let files = {
+        let found = {
             let _files = self.shared.snapshot_files.lock().expect("poisoned");
-            (std::fs::read(dir.join("current.meta")), std::fs::read(dir.join("current.data")))
+            snapshot::current(&self.snapshot_dir()).map_err(|e| snap_err(ErrorVerb::Read, e))?
         };
-        let (Ok(meta), Ok(data)) = files else {
-            return Ok(None);
+        let meta = match found {
+            None => return Ok(None),
+            Some((meta, Some(file))) => return Ok(Some(Snapshot { meta, snapshot: Box::new(file) })),
+            Some((meta, None)) => meta,
         };
-        let meta: SnapshotMeta = crate::types::decode(&meta).map_err(|e| snap_err(ErrorVerb::Read, e))?;
-        if snapshot_id_matches(&meta, &data) {
-            return Ok(Some(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }));
-        }
-        // The two files are from different snapshots (the process stopped between writing
-        // them). A follower would refuse this pair and stop, and openraft treats "no
-        // snapshot" as a storage failure: build a fresh one instead.
-        tracing::warn!(snapshot_id = meta.snapshot_id, "the saved snapshot's data and metadata disagree: building a new one");
+        // The metadata names a data file that is gone (removed by hand, say). openraft
+        // treats "no snapshot" as a storage failure once it has seen one: build a fresh one.
+        tracing::warn!(snapshot_id = meta.snapshot_id, "the current snapshot's data file is missing: building a new one");
         let this = self.clone();
         let built = tokio::task::spawn_blocking(move || this.build())
             .await
@@ -476,13 +463,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 }
 
-/// A snapshot id ends with the first 16 hex digits of its data's sha256 (see `build`).
-fn snapshot_id_matches(meta: &SnapshotMeta, data: &[u8]) -> bool {
-    meta.snapshot_id.rsplit('-').next() == Some(&sha256_hex(data)[..16])
-}
-
 impl StateMachineStore {
-    fn install_snapshot_data(&self, meta: &SnapshotMeta, tarball: Vec<u8>) -> anyhow::Result<()> {
+    fn install_snapshot_data(&self, meta: &SnapshotMeta, mut file: std::fs::File, received: &Path) -> anyhow::Result<()> {
         let root = state_root(&self.shared.data_dir);
         let seq = self.shared.snapshot_seq.fetch_add(1, Ordering::SeqCst) + 1;
         let name = format!("state-{seq}");
@@ -490,7 +472,11 @@ impl StateMachineStore {
         if dir.exists() {
             std::fs::remove_dir_all(&dir)?;
         }
-        tar::Archive::new(Cursor::new(&tarball)).unpack(&dir).context("unpacking snapshot")?;
+        if let Err(e) = snapshot::unpack_received(&mut file, meta, &dir) {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        drop(file);
         let db = Arc::new(StateDb::open(&dir)?);
         let applied = db.applied()?;
         anyhow::ensure!(
@@ -503,7 +489,10 @@ impl StateMachineStore {
         self.shared.leases.reset(&list_leases(&db)?);
         let old = std::mem::replace(&mut *self.shared.db.write().expect("poisoned"), db);
         write_atomic(&root.join("CURRENT"), name.as_bytes())?;
-        self.save_snapshot(meta, &tarball)?;
+        {
+            let _files = self.shared.snapshot_files.lock().expect("poisoned");
+            snapshot::publish_received(&self.snapshot_dir(), meta, received)?;
+        }
         // Queries may still hold the old DB; if so it is removed at the next start.
         if let Ok(old) = Arc::try_unwrap(old) {
             let path = old.path().to_owned();
@@ -516,31 +505,26 @@ impl StateMachineStore {
 
     fn build(&self) -> anyhow::Result<Snapshot<TypeConfig>> {
         let db = self.shared.db();
-        let seq = self.shared.snapshot_seq.load(Ordering::SeqCst);
-        let tmp = self.shared.data_dir.join(format!("snapshot-build-{seq}-{}", std::process::id()));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp)?;
-        }
         db.flush()?;
-        db.checkpoint(&tmp)?;
-        let result = (|| {
-            let (applied, membership) = {
-                let cp = StateDb::open(&tmp)?;
-                (cp.applied()?, cp.membership()?)
-            };
-            let data = pack_dir(&tmp)?;
-            let snapshot_id = format!(
-                "{}-{}-{}",
-                applied.map(|l| l.leader_id.term).unwrap_or(0),
-                applied.map(|l| l.index).unwrap_or(0),
-                &sha256_hex(&data)[..16]
-            );
-            let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
-            self.save_snapshot(&meta, &data)?;
-            Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
-        })();
-        let _ = std::fs::remove_dir_all(&tmp);
-        result
+        let dir = self.snapshot_dir();
+        // The archive streams to a file beside where it will live: no copy of the state
+        // in memory, and publishing it is a rename.
+        let (archive, (applied, membership)) = backup::create_with(&db, &dir, |cp| {
+            let cp = StateDb::open(cp)?;
+            Ok((cp.applied()?, cp.membership()?))
+        })?;
+        let snapshot_id = format!(
+            "{}-{}-{}",
+            applied.map(|l| l.leader_id.term).unwrap_or(0),
+            applied.map(|l| l.index).unwrap_or(0),
+            snapshot::id_hash(&archive.sha256)
+        );
+        let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
+        let file = {
+            let _files = self.shared.snapshot_files.lock().expect("poisoned");
+            snapshot::publish_built(&dir, &meta, archive)?
+        };
+        Ok(Snapshot { meta, snapshot: Box::new(file) })
     }
 }
 
@@ -557,25 +541,129 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::sha256_hex;
+    use tokio::io::AsyncReadExt;
 
-    /// Saved snapshot files from two different snapshots (a stop between the two writes)
-    /// must never be handed out as one: a follower installing them would refuse the pair
-    /// and stop.
+    fn log_id(term: u64, index: u64) -> LogId {
+        LogId::new(openraft::CommittedLeaderId::new(term, 1), index)
+    }
+
+    /// 1 KiB that RocksDB cannot compress away.
+    fn value(i: u64) -> Vec<u8> {
+        let mut x = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..1024)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// A state with `n` keys of 1 KiB, applied up to `(2, n)`.
+    fn fill(sm: &StateMachineStore, n: u64) {
+        let mut batch = PendingBatch::default();
+        for i in 0..n {
+            batch.data.map.insert(format!("k{i:06}").into_bytes(), Some(value(i)));
+        }
+        batch.set_applied(Some(log_id(2, n)));
+        sm.shared.db().commit(batch).unwrap();
+    }
+
+    async fn read_all(mut f: SnapshotFile) -> Vec<u8> {
+        let mut out = Vec::new();
+        f.read_to_end(&mut out).await.unwrap();
+        out
+    }
+
+    /// A snapshot goes from a built file through openraft's receiving side into another
+    /// store, which then holds the same state, and keeps the received file as its own.
     #[tokio::test]
-    async fn a_saved_snapshot_whose_files_disagree_is_rebuilt_not_served() {
+    async fn a_built_snapshot_installs_elsewhere_through_files() {
+        let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut a = StateMachineStore::open(a_dir.path()).unwrap();
+        fill(&a, 300);
+        let built = a.build_snapshot().await.unwrap();
+        assert_eq!(built.meta.last_log_id, Some(log_id(2, 300)));
+        let bytes = read_all(*built.snapshot).await;
+        assert!(bytes.len() > 300 * 1024, "{} bytes", bytes.len());
+
+        let mut b = StateMachineStore::open(b_dir.path()).unwrap();
+        let mut incoming = b.begin_receiving_snapshot().await.unwrap();
+        // In two chunks, as openraft writes them.
+        tokio::io::AsyncWriteExt::write_all(&mut incoming, &bytes[..1000]).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut incoming, &bytes[1000..]).await.unwrap();
+        tokio::io::AsyncWriteExt::shutdown(&mut incoming).await.unwrap();
+        b.install_snapshot(&built.meta, incoming).await.unwrap();
+
+        let db = b.shared.db();
+        assert_eq!(db.applied().unwrap(), Some(log_id(2, 300)));
+        assert_eq!(db.get_data(b"k000299").unwrap(), Some(value(299)));
+        assert_eq!(db.hashes().unwrap(), a.shared.db().hashes().unwrap());
+        let served = b.get_current_snapshot().await.unwrap().expect("the installed snapshot is b's current one");
+        assert_eq!(served.meta.snapshot_id, built.meta.snapshot_id);
+        assert_eq!(read_all(*served.snapshot).await, bytes);
+        // Only the metadata and the data file it names are left.
+        let mut left: Vec<_> = std::fs::read_dir(b.snapshot_dir()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        left.sort();
+        assert_eq!(left, [format!("{}.data", built.meta.snapshot_id).into(), std::ffi::OsString::from("current.meta")]);
+    }
+
+    /// A transfer damaged on the way is refused and leaves the live state as it was.
+    #[tokio::test]
+    async fn a_damaged_snapshot_is_not_installed() {
+        let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut a = StateMachineStore::open(a_dir.path()).unwrap();
+        fill(&a, 50);
+        let built = a.build_snapshot().await.unwrap();
+        let mut bytes = read_all(*built.snapshot).await;
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x40;
+
+        let mut b = StateMachineStore::open(b_dir.path()).unwrap();
+        fill(&b, 3);
+        let mut incoming = b.begin_receiving_snapshot().await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut incoming, &bytes).await.unwrap();
+        tokio::io::AsyncWriteExt::shutdown(&mut incoming).await.unwrap();
+        let err = b.install_snapshot(&built.meta, incoming).await.unwrap_err();
+        assert!(err.to_string().contains("does not match its id") || format!("{err:?}").contains("does not match its id"), "{err:?}");
+        assert_eq!(b.shared.db().applied().unwrap(), Some(log_id(2, 3)));
+        assert_eq!(b.shared.db().get_data(b"k000010").unwrap(), None);
+        // The half-unpacked state directory is gone; only the live one is left.
+        let states: Vec<_> = std::fs::read_dir(state_root(b_dir.path())).unwrap().filter(|e| e.as_ref().unwrap().path().is_dir()).collect();
+        assert_eq!(states.len(), 1);
+    }
+
+    /// A current snapshot whose data file is gone is rebuilt, never served without data;
+    /// files left by a stopped process are removed at start.
+    #[tokio::test]
+    async fn a_missing_data_file_is_rebuilt_and_leftovers_are_cleaned() {
         let dir = tempfile::tempdir().unwrap();
         let mut sm = StateMachineStore::open(dir.path()).unwrap();
+        fill(&sm, 10);
         let built = sm.build_snapshot().await.unwrap();
         let served = sm.get_current_snapshot().await.unwrap().expect("a saved snapshot");
         assert_eq!(served.meta.snapshot_id, built.meta.snapshot_id);
+        let bytes = read_all(*served.snapshot).await;
 
-        // The metadata of another snapshot beside this data.
-        let mut other = built.meta.clone();
-        other.snapshot_id = "1-226-0123456789abcdef".into();
-        std::fs::write(sm.snapshot_dir().join("current.meta"), crate::types::encode(&other)).unwrap();
-        let served = sm.get_current_snapshot().await.unwrap().expect("a snapshot");
-        let data = served.snapshot.into_inner();
-        assert_ne!(served.meta.snapshot_id, other.snapshot_id);
-        assert!(snapshot_id_matches(&served.meta, &data), "served {:?} with data it does not name", served.meta);
+        let data = sm.snapshot_dir().join(format!("{}.data", built.meta.snapshot_id));
+        std::fs::remove_file(&data).unwrap();
+        let rebuilt = sm.get_current_snapshot().await.unwrap().expect("a snapshot");
+        assert_eq!(rebuilt.meta.last_log_id, built.meta.last_log_id);
+        let rebuilt_bytes = read_all(*rebuilt.snapshot).await;
+        let hash = sha256_hex(&rebuilt_bytes);
+        assert!(rebuilt.meta.snapshot_id.ends_with(&hash[..16]), "{} vs {hash}", rebuilt.meta.snapshot_id);
+        assert!(!bytes.is_empty());
+
+        // An abandoned transfer and a build's scratch, as a killed process leaves them.
+        drop(sm.begin_receiving_snapshot().await.unwrap());
+        std::fs::create_dir(sm.snapshot_dir().join("77-1")).unwrap();
+        std::fs::write(sm.snapshot_dir().join("77-1.tar"), b"x").unwrap();
+        drop(sm);
+        let sm = StateMachineStore::open(dir.path()).unwrap();
+        let mut left: Vec<_> = std::fs::read_dir(sm.snapshot_dir()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        left.sort();
+        assert_eq!(left, [format!("{}.data", rebuilt.meta.snapshot_id).into(), std::ffi::OsString::from("current.meta")]);
     }
 }

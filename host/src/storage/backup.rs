@@ -5,7 +5,7 @@
 //! sha256 of the archive. The layout mirrors etcd's: its snapshot stream is the bbolt file
 //! with a sha256 appended, and its restore checks that hash unless told not to. A tar
 //! archive is a whole number of 512-byte blocks, so `len % 512 == 32` tells a file with a
-//! hash from a bare archive (such as a Raft snapshot's `snapshot/current.data`).
+//! hash from a bare archive (such as a Raft snapshot's `snapshot/<id>.data`).
 //!
 //! Restoring makes a data directory for a *new* cluster from the file, the way etcd's
 //! `snapshot restore` does: the state is kept, the Raft bookkeeping is replaced. The
@@ -39,9 +39,22 @@ pub struct BackupFile {
     pub sha256: [u8; HASH_LEN],
 }
 
+impl BackupFile {
+    /// Keep the archive as `dest` instead of removing it (synced, then renamed).
+    pub fn persist(mut self, dest: &Path) -> Result<()> {
+        File::open(&self.path)?.sync_all().with_context(|| format!("syncing {}", self.path.display()))?;
+        std::fs::rename(&self.path, dest).with_context(|| format!("renaming {} to {}", self.path.display(), dest.display()))?;
+        // Nothing left for `drop` to remove.
+        self.path = PathBuf::new();
+        Ok(())
+    }
+}
+
 impl Drop for BackupFile {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if !self.path.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -50,11 +63,31 @@ pub fn scratch_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("backup")
 }
 
-/// A writer that hashes what passes through it.
-struct Hashing<W> {
+/// A writer or reader that hashes what passes through it.
+pub(crate) struct Hashing<W> {
     inner: W,
     hash: Sha256,
     len: u64,
+}
+
+impl<W> Hashing<W> {
+    pub(crate) fn new(inner: W) -> Self {
+        Self { inner, hash: Sha256::new(), len: 0 }
+    }
+
+    /// The sha256 of everything that passed.
+    pub(crate) fn finish(self) -> [u8; HASH_LEN] {
+        self.hash.finalize().into()
+    }
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
 }
 
 impl<W: Write> Write for Hashing<W> {
@@ -75,22 +108,28 @@ static SEQ: AtomicU64 = AtomicU64::new(0);
 
 /// Archive a consistent checkpoint of `db` into a file under `scratch`.
 pub fn create(db: &StateDb, scratch: &Path) -> Result<BackupFile> {
+    create_with(db, scratch, |_| Ok(())).map(|(file, ())| file)
+}
+
+/// [`create`], with `inspect` run on the checkpoint directory before it is archived.
+pub fn create_with<T>(db: &StateDb, scratch: &Path, inspect: impl FnOnce(&Path) -> Result<T>) -> Result<(BackupFile, T)> {
     std::fs::create_dir_all(scratch).with_context(|| format!("creating {}", scratch.display()))?;
     let name = format!("{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
     let checkpoint = scratch.join(&name);
     let path = scratch.join(format!("{name}.tar"));
     db.checkpoint(&checkpoint)?;
     let archived = (|| {
+        let seen = inspect(&checkpoint)?;
         let out = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-        let mut ar = tar::Builder::new(Hashing { inner: BufWriter::new(out), hash: Sha256::new(), len: 0 });
+        let mut ar = tar::Builder::new(Hashing::new(BufWriter::new(out)));
         ar.append_dir_all(".", &checkpoint)?;
         let mut w = ar.into_inner()?;
         w.flush()?;
-        Ok::<_, anyhow::Error>((w.len, w.hash.finalize().into()))
+        Ok::<_, anyhow::Error>((w.len, w.finish(), seen))
     })();
     let _ = std::fs::remove_dir_all(&checkpoint);
     match archived {
-        Ok((len, sha256)) => Ok(BackupFile { path, len, sha256 }),
+        Ok((len, sha256, seen)) => Ok((BackupFile { path, len, sha256 }, seen)),
         Err(e) => {
             let _ = std::fs::remove_file(&path);
             Err(e.context("archiving the state store"))
@@ -112,11 +151,11 @@ pub fn verify(file: &mut File, skip_hash: bool) -> Result<u64> {
     );
     let len = size - HASH_LEN as u64;
     file.seek(SeekFrom::Start(0))?;
-    let mut h = Hashing { inner: std::io::sink(), hash: Sha256::new(), len: 0 };
+    let mut h = Hashing::new(std::io::sink());
     std::io::copy(&mut Read::by_ref(file).take(len), &mut h)?;
     let mut want = [0u8; HASH_LEN];
     file.read_exact(&mut want)?;
-    ensure!(h.hash.finalize().as_slice() == want, "snapshot file's hash mismatch: the file is damaged or truncated");
+    ensure!(h.finish() == want, "snapshot file's hash mismatch: the file is damaged or truncated");
     Ok(len)
 }
 
