@@ -16,7 +16,9 @@ use prost::Message;
 use serde::{Deserialize, Serialize};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use crate::proto::peer::{raft_peer_server::RaftPeer, Blob, Frame, LeaseReply, LeaseRequest, ReadIndexRequest, ReadIndexResponse};
+use crate::proto::peer::{
+    raft_peer_server::RaftPeer, Blob, Frame, JoinReply, JoinRequest, LeaseReply, LeaseRequest, ReadIndexRequest, ReadIndexResponse,
+};
 use crate::config::ReadCheck;
 use crate::raft::lease::LeaderLease;
 use crate::raft::link::{reply_frame, CallKind, PeerLink};
@@ -61,6 +63,10 @@ pub struct Node {
     /// The commit index as openraft reports it ([`crate::raft::log_store::LogStore::commit_index`]).
     pub commit_index: Arc<AtomicU64>,
     pub read_stats: ReadStats,
+    /// This member has been in a committed configuration (see [`Node::self_removed`]).
+    /// True from the start for a member of the first configuration; a member MemberAdd
+    /// added starts with none and may install a snapshot taken before it was added.
+    pub was_member: std::sync::atomic::AtomicBool,
 }
 
 /// How linearizable reads were confirmed, for `raftvm status`.
@@ -266,17 +272,40 @@ impl Node {
         self.raft.metrics().borrow().membership_config.membership().get_node(&id).cloned()
     }
 
-    /// Whether `id` is missing from this member's configuration, and that configuration is
-    /// committed (so no leader change can bring back one that had `id`).
-    pub fn removed_from_config(&self, id: Option<NodeId>) -> bool {
+    /// Whether `id` is missing from this member's configuration, that configuration is
+    /// committed (so no leader change can bring back one that had `id`), and `id`'s log
+    /// (ending at `id_last_index`) does not go past it: `id` was removed. A candidate whose
+    /// log goes further may have been added after this member's configuration (this
+    /// member lags); it is then asked for its vote as usual.
+    pub fn removed_from_config(&self, id: Option<NodeId>, id_last_index: u64) -> bool {
         let Some(id) = id else { return false };
+        match self.committed_config_has(id) {
+            Some((false, at)) => at >= id_last_index,
+            _ => false,
+        }
+    }
+
+    /// Whether this member was removed: its committed configuration lacks it, and it has
+    /// been in one before (`was_member`).
+    pub fn self_removed(&self) -> bool {
+        match self.committed_config_has(self.id) {
+            Some((true, _)) => {
+                self.was_member.store(true, Ordering::Relaxed);
+                false
+            }
+            Some((false, _)) => self.was_member.load(Ordering::Relaxed),
+            None => false,
+        }
+    }
+
+    /// Whether this member's configuration has `id`, and the configuration's log index,
+    /// if the configuration is committed.
+    fn committed_config_has(&self, id: NodeId) -> Option<(bool, u64)> {
         let m = self.raft.metrics();
         let m = m.borrow();
         let config = &m.membership_config;
-        match config.log_id() {
-            Some(at) => at.index <= self.commit_index.load(Ordering::Acquire) && config.membership().get_node(&id).is_none(),
-            None => false,
-        }
+        let at = config.log_id().as_ref()?.index;
+        (at <= self.commit_index.load(Ordering::Acquire)).then(|| (config.membership().get_node(&id).is_some(), at))
     }
 
     pub fn term(&self) -> u64 {
@@ -554,7 +583,8 @@ impl PeerService {
             }
             CallKind::Vote => {
                 let rpc: openraft::raft::VoteRequest<NodeId> = decode(&data).map_err(bad_blob)?;
-                if self.node.removed_from_config(rpc.vote.leader_id().voted_for()) {
+                let candidate_last = rpc.last_log_id.map_or(0, |l| l.index);
+                if self.node.removed_from_config(rpc.vote.leader_id().voted_for(), candidate_last) {
                     return Err(tonic::Status::failed_precondition(crate::raft::network::ERR_MEMBER_REMOVED));
                 }
                 Ok(encode(&self.node.raft.vote(rpc).await))
@@ -627,6 +657,26 @@ impl RaftPeer for PeerService {
 
     async fn lease(&self, req: tonic::Request<LeaseRequest>) -> Result<tonic::Response<LeaseReply>, tonic::Status> {
         Ok(tonic::Response::new(self.node.serve_lease_call(req.into_inner()).await))
+    }
+
+    /// The id MemberAdd gave a peer URL, for the member that starts there with
+    /// `--initial-cluster-state existing`. Refused once that member has published its
+    /// client URLs, that is, once it has started before: a member that lost its data
+    /// dir and joined again under the same id would have forgotten its vote (etcd refuses
+    /// it the same way).
+    async fn join(&self, req: tonic::Request<JoinRequest>) -> Result<tonic::Response<JoinReply>, tonic::Status> {
+        let url = req.into_inner().peer_url;
+        let config = self.node.raft.metrics().borrow().membership_config.clone();
+        let Some(id) = config.membership().nodes().find(|(_, m)| m.peer_url == url).map(|(id, _)| *id) else {
+            return Err(tonic::Status::not_found(format!(
+                "no member of this cluster has peer URL {url}: add it first (etcdctl member add NAME --peer-urls={url})"
+            )));
+        };
+        let attrs = self.node.shared.db().member_attrs().map_err(|e| tonic::Status::internal(format!("{e:#}")))?;
+        if attrs.contains_key(&id) {
+            return Err(tonic::Status::failed_precondition(format!("etcdserver: member {id:x} has already been bootstrapped")));
+        }
+        Ok(tonic::Response::new(JoinReply { member_id: id, cluster_id: self.node.cluster_id }))
     }
 
     type CallsStream = UnboundedReceiverStream<Result<Frame, tonic::Status>>;

@@ -57,8 +57,6 @@ impl Server {
     pub async fn start(cfg: ServeConfig) -> Result<Self> {
         // Refuse bad flags before touching the data dir or starting Raft.
         let members = cfg.members()?;
-        let id = cfg.my_id()?;
-        let cluster_id = cfg.cluster_id()?;
         let new_cluster = match cfg.initial_cluster_state.as_str() {
             "new" => true,
             "existing" => false,
@@ -70,6 +68,7 @@ impl Server {
             cfg.experimental_compaction_check_interval,
         )?;
         let data_dir = cfg.data_dir();
+        let (id, cluster_id, joined) = identity(&cfg, &data_dir, new_cluster).await?;
         std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
         // Backups a stopped process was sending.
         let _ = std::fs::remove_dir_all(crate::storage::backup::scratch_dir(&data_dir));
@@ -119,6 +118,7 @@ impl Server {
             lease: Default::default(),
             commit_index,
             read_stats: Default::default(),
+            was_member: (!joined).into(),
         });
         node.start_tasks();
 
@@ -232,6 +232,73 @@ impl Server {
     }
 }
 
+/// Where a member that joined an existing cluster keeps the id MemberAdd gave it and the
+/// cluster's id (JSON), since neither follows from its flags.
+const JOINED_FILE: &str = "member.json";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct JoinedIdentity {
+    member_id: u64,
+    cluster_id: u64,
+}
+
+/// This member's id and its cluster's. A member of the cluster's first configuration
+/// derives both from its flags (name, peer URL, token, `--initial-cluster`), at every
+/// start. A member added later (etcd's MemberAdd, then `serve --initial-cluster-state
+/// existing` on a fresh data dir) asks the members in `--initial-cluster` which id its
+/// peer URL was given, and keeps the answer in `member.json` for its restarts.
+///
+/// Returns `(member id, cluster id, whether this member joined after the first configuration)`.
+async fn identity(cfg: &ServeConfig, data_dir: &std::path::Path, new_cluster: bool) -> Result<(u64, u64, bool)> {
+    // Also checks that --initial-cluster names this member at its advertised peer URL.
+    let derived = (cfg.my_id()?, cfg.cluster_id()?);
+    let file = data_dir.join(JOINED_FILE);
+    match std::fs::read(&file) {
+        Ok(b) => {
+            let j: JoinedIdentity = serde_json::from_slice(&b).with_context(|| format!("reading {}", file.display()))?;
+            return Ok((j.member_id, j.cluster_id, true));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", file.display())),
+    }
+    let fresh = !data_dir.join("raft").exists() && !data_dir.join("state").exists();
+    if new_cluster || !fresh {
+        return Ok((derived.0, derived.1, false));
+    }
+    let me = first_url(&cfg.initial_advertise_peer_urls)?;
+    let mut errors = Vec::new();
+    for peer in cfg.members()?.into_values().map(|m| m.peer_url).filter(|u| *u != me) {
+        match ask_join(&peer, &me).await {
+            Ok(reply) => {
+                tracing::info!(id = format!("{:x}", reply.member_id), %peer, "joining an existing cluster");
+                std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+                let j = JoinedIdentity { member_id: reply.member_id, cluster_id: reply.cluster_id };
+                crate::raft::state_machine::write_atomic(&file, &serde_json::to_vec(&j)?)?;
+                return Ok((j.member_id, j.cluster_id, true));
+            }
+            // Definitive: this member has run before, with a data dir it no longer has.
+            Err(e) if e.code() == tonic::Code::FailedPrecondition => anyhow::bail!("{}", e.message()),
+            Err(e) => errors.push(format!("{peer}: {}", e.message())),
+        }
+    }
+    anyhow::bail!(
+        "--initial-cluster-state existing: no member of --initial-cluster gave this member ({me}) its id: {}",
+        if errors.is_empty() { "--initial-cluster names no other member".to_string() } else { errors.join("; ") }
+    )
+}
+
+async fn ask_join(peer: &str, me: &str) -> Result<crate::proto::peer::JoinReply, tonic::Status> {
+    let channel = tonic::transport::Endpoint::from_shared(peer.to_string())
+        .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("connecting: {e}")))?;
+    let req = crate::proto::peer::JoinRequest { peer_url: me.to_string() };
+    Ok(crate::proto::peer::raft_peer_client::RaftPeerClient::new(channel).join(req).await?.into_inner())
+}
+
 async fn bind(url: &str) -> Result<TcpListener> {
     let addr = bind_addr(url)?;
     TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))
@@ -250,7 +317,7 @@ async fn leave_when_removed(
     let mut metrics = node.raft.metrics();
     loop {
         metrics.borrow_and_update();
-        if *told.borrow_and_update() || node.removed_from_config(Some(node.id)) {
+        if *told.borrow_and_update() || node.self_removed() {
             tracing::error!("the member has been permanently removed from the cluster");
             // A leader that removed itself is still answering that call (and maybe
             // others): let them finish, within bounds.

@@ -251,8 +251,9 @@ fn member_list_on_three_members() {
         let out = etcdctl(&url, cmd, "");
         assert!(out.success() && out.stdout.starts_with(&url) || out.stdout.contains(&format!("[{url}]")), "{cmd:?}: {out:?}");
     }
-    let add = etcdctl(&cluster.endpoint(0), &["member", "add", "x", "--peer-urls", "http://127.0.0.1:1"], "");
-    assert!(!add.success() && add.stderr.contains("Unimplemented"), "{add:?}");
+    // A peer URL already in use is refused with etcd's error.
+    let dup = etcdctl(&cluster.endpoint(0), &["member", "add", "x", "--peer-urls", &want[1].2], "");
+    assert!(dup.err().contains("etcdserver: Peer URLs already exists"), "{dup:?}");
 
     runtime().block_on(async {
         let mut c = connect(&cluster.node(1).client_url()).await;
@@ -265,6 +266,18 @@ fn member_list_on_three_members() {
         got.sort();
         assert_eq!(got, want);
         assert!(r.members().iter().all(|m| !m.is_learner()));
+
+        // The Rust client adds a learner (never started: it only joins the list), sees
+        // it listed as one, and removes it.
+        let opts = etcd_client::MemberAddOptions::new().with_is_learner();
+        let added = c.member_add(["http://127.0.0.1:1"], Some(opts)).await.expect("member_add");
+        let m = added.member().expect("the added member");
+        assert!(m.is_learner() && m.name().is_empty() && m.client_urls().is_empty(), "{m:?}");
+        assert_eq!(added.member_list().len(), 4);
+        let id = m.id();
+        let left = c.member_remove(id).await.expect("member_remove");
+        assert_eq!(left.members().len(), 3);
+        assert!(left.members().iter().all(|m| m.id() != id));
     });
 }
 
@@ -714,4 +727,107 @@ fn member_remove_shrinks_the_cluster() {
     assert!(last.err().contains("not enough started members"), "{last:?}");
     let got = etcdctl(&c.endpoint(f1), &["get", "k", "--print-value-only"], "");
     assert_eq!(got.ok(), "v");
+}
+
+/// The value of `KEY="VALUE"` in what `etcdctl member add` prints.
+fn member_add_var(out: &str, key: &str) -> String {
+    let prefix = format!("{key}=\"");
+    let line = out.lines().find_map(|l| l.strip_prefix(&prefix)).unwrap_or_else(|| panic!("no {key} in {out:?}"));
+    line.trim_end_matches('"').to_string()
+}
+
+/// etcd's way to replace a member: remove the dead one, `etcdctl member add` a new one,
+/// start it with what etcdctl printed and `--initial-cluster-state existing`. The new
+/// member asks a peer for the id MemberAdd gave it, catches up through a snapshot (the log
+/// behind it is purged), serves reads and writes and is listed with its name and client
+/// URL. A learner added the same way is promoted once it is in sync; a peer URL already in
+/// use is refused; a member that lost its data dir cannot come back under its old id.
+#[test]
+fn member_add_replaces_a_member() {
+    let mut c = raftvm_tests::Cluster::builder(3).snapshot_count(40).start();
+    for i in 0..3 {
+        raftvm_tests::etcd::wait_kv_module(&c, i, Duration::from_secs(60));
+    }
+    for k in 0..100 {
+        assert_eq!(etcdctl(&c.endpoint(0), &["put", &format!("k{k:03}"), &format!("v{k}")], "").ok(), "OK");
+    }
+    // Replace a follower, through the other follower (the call passes to the leader).
+    let leader = c.leader();
+    let (gone, via) = if leader == 0 { (1, 2) } else { (0, 3 - leader) };
+    let gone_id = u64::from_str_radix(&c.status(gone).expect("status").member_id, 16).expect("hex id");
+    let out = etcdctl(&c.endpoint(via), &["member", "remove", &format!("{gone_id:x}")], "");
+    assert!(out.success(), "{out:?}");
+    c.node(gone).wait_exit(Duration::from_secs(30)).expect("the removed member to stop");
+
+    let n4 = c.add_node("n4");
+    let n4_peer = c.node(n4).peer_url();
+    let out = etcdctl(&c.endpoint(via), &["member", "add", "n4", &format!("--peer-urls={n4_peer}")], "");
+    assert!(out.ok().contains(" added to cluster "), "{out:?}");
+    let initial_cluster = member_add_var(out.ok(), "ETCD_INITIAL_CLUSTER");
+    assert_eq!(member_add_var(out.ok(), "ETCD_INITIAL_CLUSTER_STATE"), "existing");
+    assert!(initial_cluster.contains(&format!("n4={n4_peer}")), "{initial_cluster}");
+    let listed = etcdctl(&c.endpoint(leader), &["member", "list"], "");
+    assert!(listed.ok().lines().any(|l| l.contains("unstarted") && l.contains(&n4_peer)), "{listed:?}");
+    let dup = etcdctl(&c.endpoint(leader), &["member", "add", "again", &format!("--peer-urls={n4_peer}")], "");
+    assert!(dup.err().contains("Peer URLs already exists"), "{dup:?}");
+
+    c.nodes[n4].set_serve_flag("initial-cluster", &initial_cluster);
+    c.restart(n4);
+    raftvm_tests::poll_until(Duration::from_secs(60), "n4 to hold every key", || {
+        let out = etcdctl(&c.endpoint(n4), &["get", "k099", "--print-value-only", "--consistency=s"], "");
+        if out.success() && out.stdout.trim() == "v99" {
+            Ok(())
+        } else {
+            Err(format!("{out:?}"))
+        }
+    });
+    assert!(c.node(n4).log_contents().contains("installed snapshot"), "n4 caught up without a snapshot");
+    let n4_client = c.node(n4).client_url();
+    raftvm_tests::poll_until(Duration::from_secs(30), "n4 listed with its name and client URL", || {
+        let out = etcdctl(&c.endpoint(n4), &["member", "list"], "");
+        let lines = out.stdout.lines().filter(|l| l.contains(", started, ")).count();
+        if out.success() && lines == 3 && out.stdout.lines().any(|l| l.contains(", n4, ") && l.contains(&n4_client)) {
+            Ok(())
+        } else {
+            Err(format!("{out:?}"))
+        }
+    });
+    assert_eq!(etcdctl(&c.endpoint(n4), &["put", "from-n4", "x"], "").ok(), "OK");
+    assert_eq!(etcdctl(&c.endpoint(leader), &["get", "from-n4", "--print-value-only"], "").ok(), "x");
+
+    // A learner: added, started, promoted once in sync.
+    let n5 = c.add_node("n5");
+    let n5_peer = c.node(n5).peer_url();
+    let out = etcdctl(&c.endpoint(n4), &["member", "add", "n5", "--learner", &format!("--peer-urls={n5_peer}")], "");
+    assert!(out.ok().contains(" added to cluster "), "{out:?}");
+    let n5_id = out.ok().split_whitespace().nth(1).map(|h| u64::from_str_radix(h, 16).expect("hex id")).expect("an id");
+    c.nodes[n5].set_serve_flag("initial-cluster", &member_add_var(out.ok(), "ETCD_INITIAL_CLUSTER"));
+    c.restart(n5);
+    raftvm_tests::poll_until(Duration::from_secs(60), "the learner to be promoted", || {
+        let out = etcdctl(&c.endpoint(leader), &["member", "promote", &format!("{n5_id:x}")], "");
+        if out.success() {
+            Ok(())
+        } else if out.err().contains("in sync with leader") {
+            Err(format!("{out:?}"))
+        } else {
+            panic!("promote failed: {out:?}")
+        }
+    });
+    let again = etcdctl(&c.endpoint(leader), &["member", "promote", &format!("{n5_id:x}")], "");
+    assert!(again.err().contains("can only promote a learner member"), "{again:?}");
+    let out = etcdctl(&c.endpoint(n5), &["member", "list", "-w", "json"], "");
+    let v: serde_json::Value = serde_json::from_str(out.ok()).expect("member list json");
+    let members = v["members"].as_array().expect("members");
+    assert_eq!(members.len(), 4, "{v}");
+    assert!(members.iter().all(|m| m.get("isLearner").is_none_or(|l| l == false)), "{v}");
+    assert_eq!(etcdctl(&c.endpoint(n5), &["put", "from-n5", "y"], "").ok(), "OK");
+    c.assert_converged(Duration::from_secs(30));
+
+    // n4 loses its data dir: it may not come back under its old id.
+    c.stop(n4);
+    std::fs::remove_dir_all(&c.node(n4).data_dir).expect("remove n4's data dir");
+    c.restart(n4);
+    let st = c.node(n4).wait_exit(Duration::from_secs(30)).expect("n4 to refuse to start");
+    assert!(!st.success(), "{st}");
+    assert!(c.node(n4).log_contents().contains("has already been bootstrapped"), "{}", c.node(n4).log_tail(20));
 }

@@ -216,6 +216,21 @@ def test_members(cluster, clients):
         assert len({m.id for m in members}) == len(want)
         assert all(len(m.peer_urls) == 1 and m.peer_urls[0].startswith("http://") for m in members)
 
+    # A member added through etcd3 (MemberAdd; it never starts) is listed without a name,
+    # moves to another peer URL (MemberUpdate) and is removed again, each through another
+    # member (followers pass the call to the leader).
+    added = clients[0].add_member(["http://127.0.0.1:1"])
+    assert added.name == "" and list(added.peer_urls) == ["http://127.0.0.1:1"]
+    clients[1].update_member(added.id, ["http://127.0.0.1:2"])
+
+    def peer_urls_of_added():
+        urls = {m.id: list(m.peer_urls) for m in clients[2].members}
+        return urls.get(added.id) == ["http://127.0.0.1:2"], urls
+
+    poll_until("the updated peer URL", peer_urls_of_added)
+    clients[2].remove_member(added.id)
+    poll_until("the added member gone", lambda: (listed(clients[0]) == want, listed(clients[0])))
+
 
 def test_put_get_on_every_member(clients):
     a, b, c = clients

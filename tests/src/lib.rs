@@ -421,6 +421,15 @@ impl Node {
         self.args.windows(2).find(|w| w[0] == flag).map(|w| w[1].as_str())
     }
 
+    /// Sets `serve` flag `--NAME` to `value` for the next start (appended if absent).
+    pub fn set_serve_flag(&mut self, name: &str, value: &str) {
+        let flag = format!("--{name}");
+        match self.args.iter().position(|a| *a == flag) {
+            Some(i) => self.args[i + 1] = value.to_string(),
+            None => self.args.extend([flag, value.to_string()]),
+        }
+    }
+
     fn spawn(&self) {
         let mut guard = self.child.lock().unwrap();
         assert!(guard.is_none(), "node {} is already running", self.name);
@@ -766,6 +775,43 @@ impl Cluster {
     /// Thaws node `i` after [`Cluster::pause`] (SIGCONT).
     pub fn resume(&self, i: usize) {
         self.nodes[i].signal(libc::SIGCONT);
+    }
+
+    /// Lays out one more node, `name`, to join through MemberAdd: node 0's command line
+    /// with its own name, directories and ports on the cluster's host, and
+    /// `--initial-cluster-state existing`. Not started: set its `--initial-cluster` (what
+    /// `etcdctl member add` prints) and start it with [`Cluster::restart`].
+    pub fn add_node(&mut self, name: &str) -> usize {
+        let host = self.nodes[0].host;
+        let ports = free_ports(host, 2);
+        let dir = self.dir().join(name);
+        fs::create_dir_all(&dir).expect("create node dir");
+        let mut node = Node {
+            name: name.to_string(),
+            host,
+            client_port: ports[0],
+            peer_port: ports[1],
+            log: dir.join("node.log"),
+            data_dir: dir.join("data"),
+            dir,
+            args: self.nodes[0].args.clone(),
+            child: Mutex::new(None),
+            starts: Mutex::new(0),
+        };
+        let (client, peer, data) = (node.client_url(), node.peer_url(), node.data_dir.display().to_string());
+        for (flag, value) in [
+            ("name", name),
+            ("data-dir", &data),
+            ("listen-client-urls", &client),
+            ("advertise-client-urls", &client),
+            ("listen-peer-urls", &peer),
+            ("initial-advertise-peer-urls", &peer),
+            ("initial-cluster-state", "existing"),
+        ] {
+            node.set_serve_flag(flag, value);
+        }
+        self.nodes.push(node);
+        self.nodes.len() - 1
     }
 
     /// Starts a stopped node again with the same command line.

@@ -1,12 +1,15 @@
-//! etcd's `Cluster` service: MemberList and MemberRemove. Adding members is not offered:
-//! a raftvm cluster's members come from `--initial-cluster` at bootstrap.
+//! etcd's `Cluster` service: MemberList, MemberAdd, MemberRemove, MemberUpdate and
+//! MemberPromote. Changes run openraft's `change_membership` (joint consensus) on the
+//! leader; a follower passes the call once to the leader's published client URL.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::ChangeMembers;
+use sha2::{Digest, Sha256};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use super::etcd_kv::{header, kv_revision};
@@ -16,13 +19,10 @@ use crate::raft::state_machine::InFlight;
 use crate::proto::etcdserverpb::cluster_client::ClusterClient;
 use crate::proto::etcdserverpb::cluster_server::Cluster;
 use crate::proto::etcdserverpb::*;
+use crate::types::Member as RaftMember;
 
 pub struct ClusterService {
     pub node: Arc<Node>,
-}
-
-fn unsupported(what: &str) -> Status {
-    Status::unimplemented(format!("raftvm: {what} is not supported: members come from --initial-cluster"))
 }
 
 /// Marks a request a follower passed to the leader, so it is passed on at most once.
@@ -32,6 +32,12 @@ const CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 
 const ERR_MEMBER_NOT_FOUND: &str = "etcdserver: member not found";
 const ERR_NOT_ENOUGH_MEMBERS: &str = "etcdserver: re-configuration failed due to not enough started members";
+const ERR_PEER_URL_EXISTS: &str = "etcdserver: Peer URLs already exists";
+const ERR_NOT_LEARNER: &str = "etcdserver: can only promote a learner member";
+const ERR_LEARNER_NOT_READY: &str = "etcdserver: can only promote a learner member which is in sync with leader";
+/// A learner may be promoted once it has replicated this share of the leader's log (etcd's
+/// readiness rule).
+const LEARNER_READY: f64 = 0.9;
 
 impl ClusterService {
     /// Every member of the current configuration, voters and learners, in id order, with
@@ -46,7 +52,8 @@ impl ClusterService {
             .nodes()
             .map(|(id, m)| Member {
                 id: *id,
-                name: m.name.clone(),
+                // A member MemberAdd added has no name until it starts and publishes one.
+                name: if m.name.is_empty() { attrs.get(id).map(|a| a.name.clone()).unwrap_or_default() } else { m.name.clone() },
                 peer_ur_ls: vec![m.peer_url.clone()],
                 client_ur_ls: attrs.get(id).map(|a| a.client_urls.clone()).unwrap_or_default(),
                 is_learner: !voters.contains(id),
@@ -56,8 +63,18 @@ impl ClusterService {
         Ok(members)
     }
 
-    /// Pass a MemberRemove to the leader, at the first client URL it published.
-    async fn remove_through(&self, leader: u64, id: u64) -> Result<Response<MemberRemoveResponse>, Status> {
+    /// Where a call must run: `None` here (this member leads), `Some(leader)` to pass it on.
+    fn route(&self, forwarded: bool) -> Result<Option<u64>, Status> {
+        match self.node.leader() {
+            Some(l) if l == self.node.id => Ok(None),
+            Some(_) if forwarded => Err(node_status(NodeError::LeaderChanged)),
+            Some(l) => Ok(Some(l)),
+            None => Err(node_status(NodeError::NoLeader)),
+        }
+    }
+
+    /// A client of the leader's Cluster service, at the first client URL it published.
+    async fn leader_client(&self, leader: u64) -> Result<ClusterClient<Channel>, Status> {
         let attrs = self.node.shared.db().member_attrs().map_err(|e| Status::internal(format!("{e:#}")))?;
         let Some(url) = attrs.get(&leader).and_then(|a| a.client_urls.first()).cloned() else {
             return Err(Status::unavailable(format!(
@@ -71,14 +88,70 @@ impl ClusterService {
             .connect()
             .await
             .map_err(|_| node_status(NodeError::NoLeader))?;
-        let mut req = Request::new(MemberRemoveRequest { id });
-        req.metadata_mut().insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
-        let mut resp = ClusterClient::new(channel).member_remove(req).await?;
-        // The header is this member's, as for every other call it answers.
-        let revision = resp.get_ref().header.map(|h| h.revision).unwrap_or(0);
-        resp.get_mut().header = Some(header(&self.node, revision));
-        Ok(resp)
+        Ok(ClusterClient::new(channel))
     }
+
+    /// The leader's answer, with this member's header, as for every other call it answers.
+    fn answer_here<T>(&self, mut resp: Response<T>, header_of: impl FnOnce(&mut T) -> &mut Option<ResponseHeader>) -> Response<T> {
+        let h = header_of(resp.get_mut());
+        let revision = h.map(|h| h.revision).unwrap_or(0);
+        *h = Some(header(&self.node, revision));
+        resp
+    }
+
+    /// Run a membership change on this member, the leader, and wait for it to commit.
+    async fn change(&self, change: ChangeMembers<u64, RaftMember>) -> Result<(), Status> {
+        // Counted in flight, so a leader removing itself answers before it stops.
+        let _in_flight = InFlight::new(&self.node.shared.commands_in_flight, 1);
+        match tokio::time::timeout(CHANGE_TIMEOUT, self.node.raft.change_membership(change, false)).await {
+            Err(_) => Err(node_status(NodeError::Timeout)),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Err(node_status(NodeError::LeaderChanged)),
+            Ok(Err(e)) => Err(Status::failed_precondition(format!("etcdserver: {e}"))),
+            Ok(Ok(_)) => Ok(()),
+        }
+    }
+
+    /// The one peer URL of a MemberAdd or MemberUpdate, checked.
+    fn peer_url(urls: Vec<String>) -> Result<String, Status> {
+        let [url] = <[String; 1]>::try_from(urls).map_err(|urls| {
+            Status::invalid_argument(format!("raftvm: a member has exactly one peer URL, got {}", urls.len()))
+        })?;
+        crate::config::bind_addr(&url).map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+        Ok(url)
+    }
+
+    /// An id for a new member: from its peer URL, the cluster and the time, as etcd's, so a
+    /// member added again at the same URL gets a new id. Never 0 or an id in use.
+    fn new_member_id(&self, peer_url: &str, taken: &BTreeMap<u64, RaftMember>) -> u64 {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        (0u64..)
+            .map(|n| {
+                let mut h = Sha256::new();
+                h.update(peer_url.as_bytes());
+                h.update(self.node.cluster_id.to_be_bytes());
+                h.update(now.to_be_bytes());
+                h.update(n.to_be_bytes());
+                u64::from_be_bytes(h.finalize()[..8].try_into().expect("8 bytes"))
+            })
+            .find(|id| *id != 0 && !taken.contains_key(id))
+            .expect("an unused id")
+    }
+
+    fn current_nodes(&self) -> (BTreeMap<u64, RaftMember>, BTreeSet<u64>) {
+        let config = self.node.raft.metrics().borrow().membership_config.clone();
+        let m = config.membership();
+        (m.nodes().map(|(id, n)| (*id, n.clone())).collect(), m.voter_ids().collect())
+    }
+}
+
+fn is_forwarded<T>(req: &Request<T>) -> bool {
+    req.metadata().contains_key(FORWARDED)
+}
+
+fn forwarded<T>(msg: T) -> Request<T> {
+    let mut req = Request::new(msg);
+    req.metadata_mut().insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    req
 }
 
 #[tonic::async_trait]
@@ -89,8 +162,35 @@ impl Cluster for ClusterService {
         Ok(Response::new(MemberListResponse { header: Some(header(&self.node, revision)), members }))
     }
 
-    async fn member_add(&self, _req: Request<MemberAddRequest>) -> Result<Response<MemberAddResponse>, Status> {
-        Err(unsupported("MemberAdd"))
+    /// As etcd: the new member joins the configuration at once, as a voter (counted in
+    /// the quorum from now on) or as a learner, under an id chosen here. It is listed
+    /// without a name or client URLs until it starts (`serve --initial-cluster-state
+    /// existing`), asks a member for that id (`RaftPeer.Join`) and publishes them.
+    async fn member_add(&self, req: Request<MemberAddRequest>) -> Result<Response<MemberAddResponse>, Status> {
+        let fwd = is_forwarded(&req);
+        let req = req.into_inner();
+        if let Some(leader) = self.route(fwd)? {
+            let resp = self.leader_client(leader).await?.member_add(forwarded(req)).await?;
+            return Ok(self.answer_here(resp, |r| &mut r.header));
+        }
+        let url = Self::peer_url(req.peer_ur_ls)?;
+        let (nodes, _) = self.current_nodes();
+        if nodes.values().any(|m| m.peer_url == url) {
+            return Err(Status::failed_precondition(ERR_PEER_URL_EXISTS));
+        }
+        let id = self.new_member_id(&url, &nodes);
+        let node = RaftMember { name: String::new(), peer_url: url.clone() };
+        tracing::info!(member = format!("{id:x}"), %url, learner = req.is_learner, "adding a member");
+        let change = if req.is_learner {
+            ChangeMembers::AddNodes([(id, node)].into())
+        } else {
+            ChangeMembers::AddVoters([(id, node)].into())
+        };
+        self.change(change).await?;
+        let member = Member { id, name: String::new(), peer_ur_ls: vec![url], client_ur_ls: vec![], is_learner: req.is_learner };
+        let members = self.members()?;
+        let revision = kv_revision(&self.node).await;
+        Ok(Response::new(MemberAddResponse { header: Some(header(&self.node, revision)), member: Some(member), members }))
     }
 
     /// As etcd: the member leaves the configuration (openraft's joint consensus, on the
@@ -98,20 +198,17 @@ impl Cluster for ClusterService {
     /// the members left. The removed member stops itself once it learns of the change
     /// (`server::leave_when_removed`).
     async fn member_remove(&self, req: Request<MemberRemoveRequest>) -> Result<Response<MemberRemoveResponse>, Status> {
-        let forwarded = req.metadata().contains_key(FORWARDED);
-        let id = req.into_inner().id;
-        match self.node.leader() {
-            Some(l) if l == self.node.id => {}
-            Some(_) if forwarded => return Err(node_status(NodeError::LeaderChanged)),
-            Some(l) => return self.remove_through(l, id).await,
-            None => return Err(node_status(NodeError::NoLeader)),
+        let fwd = is_forwarded(&req);
+        let req = req.into_inner();
+        if let Some(leader) = self.route(fwd)? {
+            let resp = self.leader_client(leader).await?.member_remove(forwarded(req)).await?;
+            return Ok(self.answer_here(resp, |r| &mut r.header));
         }
-        let config = self.node.raft.metrics().borrow().membership_config.clone();
-        let membership = config.membership();
-        if membership.get_node(&id).is_none() {
+        let id = req.id;
+        let (nodes, voters) = self.current_nodes();
+        if !nodes.contains_key(&id) {
             return Err(Status::not_found(ERR_MEMBER_NOT_FOUND));
         }
-        let voters: BTreeSet<_> = membership.voter_ids().collect();
         let change = if !voters.contains(&id) {
             ChangeMembers::RemoveNodes([id].into())
         } else if voters.len() == 1 {
@@ -120,26 +217,67 @@ impl Cluster for ClusterService {
             ChangeMembers::RemoveVoters([id].into())
         };
         tracing::info!(member = format!("{id:x}"), "removing a member");
-        // Counted in flight, so a leader removing itself answers before it stops.
-        let _in_flight = InFlight::new(&self.node.shared.commands_in_flight, 1);
-        match tokio::time::timeout(CHANGE_TIMEOUT, self.node.raft.change_membership(change, false)).await {
-            Err(_) => return Err(node_status(NodeError::Timeout)),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
-                return Err(node_status(NodeError::LeaderChanged))
-            }
-            Ok(Err(e)) => return Err(Status::failed_precondition(format!("etcdserver: {e}"))),
-            Ok(Ok(_)) => {}
-        }
+        self.change(change).await?;
         let members = self.members()?;
         let revision = kv_revision(&self.node).await;
         Ok(Response::new(MemberRemoveResponse { header: Some(header(&self.node, revision)), members }))
     }
 
-    async fn member_update(&self, _req: Request<MemberUpdateRequest>) -> Result<Response<MemberUpdateResponse>, Status> {
-        Err(unsupported("MemberUpdate"))
+    /// A member's new peer URL (it moved); peers reach it there from the change on.
+    async fn member_update(&self, req: Request<MemberUpdateRequest>) -> Result<Response<MemberUpdateResponse>, Status> {
+        let fwd = is_forwarded(&req);
+        let req = req.into_inner();
+        if let Some(leader) = self.route(fwd)? {
+            let resp = self.leader_client(leader).await?.member_update(forwarded(req)).await?;
+            return Ok(self.answer_here(resp, |r| &mut r.header));
+        }
+        let url = Self::peer_url(req.peer_ur_ls)?;
+        let (nodes, _) = self.current_nodes();
+        let Some(current) = nodes.get(&req.id) else {
+            return Err(Status::not_found(ERR_MEMBER_NOT_FOUND));
+        };
+        if nodes.iter().any(|(id, m)| *id != req.id && m.peer_url == url) {
+            return Err(Status::failed_precondition(ERR_PEER_URL_EXISTS));
+        }
+        if current.peer_url != url {
+            tracing::info!(member = format!("{:x}", req.id), %url, "updating a member's peer URL");
+            let node = RaftMember { name: current.name.clone(), peer_url: url };
+            self.change(ChangeMembers::SetNodes([(req.id, node)].into())).await?;
+        }
+        let members = self.members()?;
+        let revision = kv_revision(&self.node).await;
+        Ok(Response::new(MemberUpdateResponse { header: Some(header(&self.node, revision)), members }))
     }
 
-    async fn member_promote(&self, _req: Request<MemberPromoteRequest>) -> Result<Response<MemberPromoteResponse>, Status> {
-        Err(unsupported("MemberPromote"))
+    /// A learner becomes a voter, once it has caught up with the leader (etcd's rule: 90%
+    /// of the leader's log replicated).
+    async fn member_promote(&self, req: Request<MemberPromoteRequest>) -> Result<Response<MemberPromoteResponse>, Status> {
+        let fwd = is_forwarded(&req);
+        let req = req.into_inner();
+        if let Some(leader) = self.route(fwd)? {
+            let resp = self.leader_client(leader).await?.member_promote(forwarded(req)).await?;
+            return Ok(self.answer_here(resp, |r| &mut r.header));
+        }
+        let id = req.id;
+        let (nodes, voters) = self.current_nodes();
+        if !nodes.contains_key(&id) {
+            return Err(Status::not_found(ERR_MEMBER_NOT_FOUND));
+        }
+        if voters.contains(&id) {
+            return Err(Status::failed_precondition(ERR_NOT_LEARNER));
+        }
+        let (matched, last) = {
+            let m = self.node.raft.metrics().borrow().clone();
+            let matched = m.replication.as_ref().and_then(|r| r.get(&id).cloned().flatten()).map_or(0, |l| l.index);
+            (matched, m.last_log_index.unwrap_or(0))
+        };
+        if (matched as f64) < (last as f64) * LEARNER_READY {
+            return Err(Status::failed_precondition(ERR_LEARNER_NOT_READY));
+        }
+        tracing::info!(member = format!("{id:x}"), "promoting a learner");
+        self.change(ChangeMembers::AddVoterIds([id].into())).await?;
+        let members = self.members()?;
+        let revision = kv_revision(&self.node).await;
+        Ok(Response::new(MemberPromoteResponse { header: Some(header(&self.node, revision)), members }))
     }
 }

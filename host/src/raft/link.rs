@@ -269,7 +269,7 @@ mod tests {
 
     use super::*;
     use crate::proto::peer::raft_peer_server::{RaftPeer, RaftPeerServer};
-    use crate::proto::peer::{LeaseReply, ReadIndexResponse};
+    use crate::proto::peer::{JoinReply, JoinRequest, LeaseReply, ReadIndexResponse};
 
     /// A peer that echoes AppendEntries and counts how each call arrived. `stream`: whether
     /// it serves `Calls`. On the stream, a [`HOLD`] call is never answered and an [`END`]
@@ -304,6 +304,9 @@ mod tests {
         }
         async fn lease(&self, _r: Request<LeaseRequest>) -> Result<Response<LeaseReply>, Status> {
             Err(Status::unimplemented("lease"))
+        }
+        async fn join(&self, _r: Request<JoinRequest>) -> Result<Response<JoinReply>, Status> {
+            Err(Status::unimplemented("join"))
         }
         type CallsStream = UnboundedReceiverStream<Result<Frame, Status>>;
         async fn calls(&self, r: Request<Streaming<Frame>>) -> Result<Response<Self::CallsStream>, Status> {
