@@ -130,10 +130,17 @@ pub fn publish_received(dir: &Path, meta: &SnapshotMeta, received: &Path) -> Res
 }
 
 fn set_current(dir: &Path, meta: &SnapshotMeta) -> Result<()> {
-    crate::raft::state_machine::write_atomic(&dir.join(META), &encode(meta))?;
-    // Older snapshots' files: a leader still sending one keeps reading it through its
+    // A build that started before a snapshot install can finish after it, with an older
+    // state: the newer snapshot stays current (openraft ignores the older one too).
+    let keep = match current(dir) {
+        Ok(Some((cur, Some(_)))) if cur.last_log_id > meta.last_log_id => data_path(dir, &cur),
+        _ => {
+            crate::raft::state_machine::write_atomic(&dir.join(META), &encode(meta))?;
+            data_path(dir, meta)
+        }
+    };
+    // The other snapshots' files: a leader still sending one keeps reading it through its
     // open handle.
-    let keep = data_path(dir, meta);
     for entry in std::fs::read_dir(dir)? {
         let p = entry?.path();
         if p.extension().is_some_and(|e| e == "data") && p != keep {
@@ -230,6 +237,31 @@ fn sync_tree(dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn meta_at(index: u64, id: &str) -> SnapshotMeta {
+        let log_id = crate::types::LogId::new(openraft::CommittedLeaderId::new(1, 1), index);
+        SnapshotMeta { last_log_id: Some(log_id), last_membership: Default::default(), snapshot_id: id.into() }
+    }
+
+    /// A build that finishes after a newer snapshot was installed does not replace it.
+    #[test]
+    fn an_older_snapshot_never_replaces_a_newer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (new, old) = (meta_at(20, "1-20-aaaa"), meta_at(10, "1-10-bbbb"));
+        std::fs::write(dir.path().join("incoming"), b"new").unwrap();
+        publish_received(dir.path(), &new, &dir.path().join("incoming")).unwrap();
+        std::fs::write(dir.path().join("1-10-bbbb.data"), b"old").unwrap();
+        set_current(dir.path(), &old).unwrap();
+        let (cur, file) = current(dir.path()).unwrap().expect("a current snapshot");
+        assert_eq!(cur.snapshot_id, new.snapshot_id);
+        assert!(file.is_some());
+        assert!(!dir.path().join("1-10-bbbb.data").exists());
+        // A newer one does replace it.
+        std::fs::write(dir.path().join("1-30-cccc.data"), b"newer").unwrap();
+        set_current(dir.path(), &meta_at(30, "1-30-cccc")).unwrap();
+        assert_eq!(current(dir.path()).unwrap().unwrap().0.snapshot_id, "1-30-cccc");
+        assert!(!dir.path().join("1-20-aaaa.data").exists());
+    }
 
     /// The archive `unpack_received` reads is the one `Hashing` hashed while writing.
     #[test]
