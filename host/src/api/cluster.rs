@@ -137,11 +137,32 @@ impl ClusterService {
             .expect("an unused id")
     }
 
+    /// The header and member list every answer of this service carries.
+    async fn listing(&self) -> Result<(Option<ResponseHeader>, Vec<Member>), Status> {
+        let members = self.members()?;
+        let revision = kv_revision(&self.node).await;
+        Ok((Some(header(&self.node, revision)), members))
+    }
+
     fn current_nodes(&self) -> (BTreeMap<u64, RaftMember>, BTreeSet<u64>) {
         let config = self.node.raft.metrics().borrow().membership_config.clone();
         let m = config.membership();
         (m.nodes().map(|(id, n)| (*id, n.clone())).collect(), m.voter_ids().collect())
     }
+}
+
+/// The request's message, if this member leads; else returns the leader's answer to it
+/// (with this member's header), or an error.
+macro_rules! on_leader {
+    ($svc:expr, $req:expr, $method:ident) => {{
+        let fwd = is_forwarded(&$req);
+        let req = $req.into_inner();
+        if let Some(leader) = $svc.route(fwd)? {
+            let resp = $svc.leader_client(leader).await?.$method(forwarded(req)).await?;
+            return Ok($svc.answer_here(resp, |r| &mut r.header));
+        }
+        req
+    }};
 }
 
 fn is_forwarded<T>(req: &Request<T>) -> bool {
@@ -157,9 +178,8 @@ fn forwarded<T>(msg: T) -> Request<T> {
 #[tonic::async_trait]
 impl Cluster for ClusterService {
     async fn member_list(&self, _req: Request<MemberListRequest>) -> Result<Response<MemberListResponse>, Status> {
-        let members = self.members()?;
-        let revision = kv_revision(&self.node).await;
-        Ok(Response::new(MemberListResponse { header: Some(header(&self.node, revision)), members }))
+        let (header, members) = self.listing().await?;
+        Ok(Response::new(MemberListResponse { header, members }))
     }
 
     /// As etcd: the new member joins the configuration at once, as a voter (counted in
@@ -167,12 +187,7 @@ impl Cluster for ClusterService {
     /// without a name or client URLs until it starts (`serve --initial-cluster-state
     /// existing`), asks a member for that id (`RaftPeer.Join`) and publishes them.
     async fn member_add(&self, req: Request<MemberAddRequest>) -> Result<Response<MemberAddResponse>, Status> {
-        let fwd = is_forwarded(&req);
-        let req = req.into_inner();
-        if let Some(leader) = self.route(fwd)? {
-            let resp = self.leader_client(leader).await?.member_add(forwarded(req)).await?;
-            return Ok(self.answer_here(resp, |r| &mut r.header));
-        }
+        let req = on_leader!(self, req, member_add);
         let url = Self::peer_url(req.peer_ur_ls)?;
         let (nodes, _) = self.current_nodes();
         if nodes.values().any(|m| m.peer_url == url) {
@@ -188,9 +203,8 @@ impl Cluster for ClusterService {
         };
         self.change(change).await?;
         let member = Member { id, name: String::new(), peer_ur_ls: vec![url], client_ur_ls: vec![], is_learner: req.is_learner };
-        let members = self.members()?;
-        let revision = kv_revision(&self.node).await;
-        Ok(Response::new(MemberAddResponse { header: Some(header(&self.node, revision)), member: Some(member), members }))
+        let (header, members) = self.listing().await?;
+        Ok(Response::new(MemberAddResponse { header, member: Some(member), members }))
     }
 
     /// As etcd: the member leaves the configuration (openraft's joint consensus, on the
@@ -198,12 +212,7 @@ impl Cluster for ClusterService {
     /// the members left. The removed member stops itself once it learns of the change
     /// (`server::leave_when_removed`).
     async fn member_remove(&self, req: Request<MemberRemoveRequest>) -> Result<Response<MemberRemoveResponse>, Status> {
-        let fwd = is_forwarded(&req);
-        let req = req.into_inner();
-        if let Some(leader) = self.route(fwd)? {
-            let resp = self.leader_client(leader).await?.member_remove(forwarded(req)).await?;
-            return Ok(self.answer_here(resp, |r| &mut r.header));
-        }
+        let req = on_leader!(self, req, member_remove);
         let id = req.id;
         let (nodes, voters) = self.current_nodes();
         if !nodes.contains_key(&id) {
@@ -218,19 +227,13 @@ impl Cluster for ClusterService {
         };
         tracing::info!(member = format!("{id:x}"), "removing a member");
         self.change(change).await?;
-        let members = self.members()?;
-        let revision = kv_revision(&self.node).await;
-        Ok(Response::new(MemberRemoveResponse { header: Some(header(&self.node, revision)), members }))
+        let (header, members) = self.listing().await?;
+        Ok(Response::new(MemberRemoveResponse { header, members }))
     }
 
     /// A member's new peer URL (it moved); peers reach it there from the change on.
     async fn member_update(&self, req: Request<MemberUpdateRequest>) -> Result<Response<MemberUpdateResponse>, Status> {
-        let fwd = is_forwarded(&req);
-        let req = req.into_inner();
-        if let Some(leader) = self.route(fwd)? {
-            let resp = self.leader_client(leader).await?.member_update(forwarded(req)).await?;
-            return Ok(self.answer_here(resp, |r| &mut r.header));
-        }
+        let req = on_leader!(self, req, member_update);
         let url = Self::peer_url(req.peer_ur_ls)?;
         let (nodes, _) = self.current_nodes();
         let Some(current) = nodes.get(&req.id) else {
@@ -244,20 +247,14 @@ impl Cluster for ClusterService {
             let node = RaftMember { name: current.name.clone(), peer_url: url };
             self.change(ChangeMembers::SetNodes([(req.id, node)].into())).await?;
         }
-        let members = self.members()?;
-        let revision = kv_revision(&self.node).await;
-        Ok(Response::new(MemberUpdateResponse { header: Some(header(&self.node, revision)), members }))
+        let (header, members) = self.listing().await?;
+        Ok(Response::new(MemberUpdateResponse { header, members }))
     }
 
     /// A learner becomes a voter, once it has caught up with the leader (etcd's rule: 90%
     /// of the leader's log replicated).
     async fn member_promote(&self, req: Request<MemberPromoteRequest>) -> Result<Response<MemberPromoteResponse>, Status> {
-        let fwd = is_forwarded(&req);
-        let req = req.into_inner();
-        if let Some(leader) = self.route(fwd)? {
-            let resp = self.leader_client(leader).await?.member_promote(forwarded(req)).await?;
-            return Ok(self.answer_here(resp, |r| &mut r.header));
-        }
+        let req = on_leader!(self, req, member_promote);
         let id = req.id;
         let (nodes, voters) = self.current_nodes();
         if !nodes.contains_key(&id) {
@@ -276,8 +273,7 @@ impl Cluster for ClusterService {
         }
         tracing::info!(member = format!("{id:x}"), "promoting a learner");
         self.change(ChangeMembers::AddVoterIds([id].into())).await?;
-        let members = self.members()?;
-        let revision = kv_revision(&self.node).await;
-        Ok(Response::new(MemberPromoteResponse { header: Some(header(&self.node, revision)), members }))
+        let (header, members) = self.listing().await?;
+        Ok(Response::new(MemberPromoteResponse { header, members }))
     }
 }
