@@ -736,12 +736,18 @@ fn member_add_var(out: &str, key: &str) -> String {
     line.trim_end_matches('"').to_string()
 }
 
+/// The id in `Member <hex id> added to cluster <hex id>`.
+fn added_id(out: &str) -> u64 {
+    out.split_whitespace().nth(1).map(|h| u64::from_str_radix(h, 16).expect("hex id")).expect("an id")
+}
+
 /// etcd's way to replace a member: remove the dead one, `etcdctl member add` a new one,
 /// start it with what etcdctl printed and `--initial-cluster-state existing`. The new
 /// member asks a peer for the id MemberAdd gave it, catches up through a snapshot (the log
 /// behind it is purged), serves reads and writes and is listed with its name and client
 /// URL. A learner added the same way is promoted once it is in sync; a peer URL already in
-/// use is refused; a member that lost its data dir cannot come back under its old id.
+/// use is refused; a member moved to another peer URL (MemberUpdate) is reached there; a
+/// member that lost its data dir cannot come back under its old id.
 #[test]
 fn member_add_replaces_a_member() {
     let mut c = raftvm_tests::Cluster::builder(3).snapshot_count(40).start();
@@ -764,6 +770,7 @@ fn member_add_replaces_a_member() {
     let out = etcdctl(&c.endpoint(via), &["member", "add", "n4", &format!("--peer-urls={n4_peer}")], "");
     assert!(out.ok().contains(" added to cluster "), "{out:?}");
     let initial_cluster = member_add_var(out.ok(), "ETCD_INITIAL_CLUSTER");
+    let n4_id = added_id(out.ok());
     assert_eq!(member_add_var(out.ok(), "ETCD_INITIAL_CLUSTER_STATE"), "existing");
     assert!(initial_cluster.contains(&format!("n4={n4_peer}")), "{initial_cluster}");
     let listed = etcdctl(&c.endpoint(leader), &["member", "list"], "");
@@ -800,7 +807,7 @@ fn member_add_replaces_a_member() {
     let n5_peer = c.node(n5).peer_url();
     let out = etcdctl(&c.endpoint(n4), &["member", "add", "n5", "--learner", &format!("--peer-urls={n5_peer}")], "");
     assert!(out.ok().contains(" added to cluster "), "{out:?}");
-    let n5_id = out.ok().split_whitespace().nth(1).map(|h| u64::from_str_radix(h, 16).expect("hex id")).expect("an id");
+    let n5_id = added_id(out.ok());
     c.nodes[n5].set_serve_flag("initial-cluster", &member_add_var(out.ok(), "ETCD_INITIAL_CLUSTER"));
     c.restart(n5);
     raftvm_tests::poll_until(Duration::from_secs(60), "the learner to be promoted", || {
@@ -821,6 +828,28 @@ fn member_add_replaces_a_member() {
     assert_eq!(members.len(), 4, "{v}");
     assert!(members.iter().all(|m| m.get("isLearner").is_none_or(|l| l == false)), "{v}");
     assert_eq!(etcdctl(&c.endpoint(n5), &["put", "from-n5", "y"], "").ok(), "OK");
+    c.assert_converged(Duration::from_secs(30));
+
+    // n4 moves to another peer port (MemberUpdate while it is down); the others reach it
+    // there and it catches up with a write made meanwhile.
+    c.stop(n4);
+    let moved = format!("http://{}:{}", c.node(n4).host, raftvm_tests::free_ports(c.node(n4).host, 1)[0]);
+    let out = etcdctl(&c.endpoint(leader), &["member", "update", &format!("{n4_id:x}"), &format!("--peer-urls={moved}")], "");
+    assert!(out.ok().contains("updated in cluster"), "{out:?}");
+    assert_eq!(etcdctl(&c.endpoint(leader), &["put", "while-moving", "z"], "").ok(), "OK");
+    let ic = c.node(n4).serve_flag("initial-cluster").expect("initial cluster").replace(&n4_peer, &moved);
+    for (flag, value) in [("listen-peer-urls", &moved), ("initial-advertise-peer-urls", &moved), ("initial-cluster", &ic)] {
+        c.nodes[n4].set_serve_flag(flag, value);
+    }
+    c.restart(n4);
+    raftvm_tests::poll_until(Duration::from_secs(30), "n4 to catch up at its new peer URL", || {
+        let out = etcdctl(&c.endpoint(n4), &["get", "while-moving", "--print-value-only", "--consistency=s"], "");
+        if out.success() && out.stdout.trim() == "z" {
+            Ok(())
+        } else {
+            Err(format!("{out:?}"))
+        }
+    });
     c.assert_converged(Duration::from_secs(30));
 
     // n4 loses its data dir: it may not come back under its old id.
