@@ -736,6 +736,18 @@ fn member_add_var(out: &str, key: &str) -> String {
     line.trim_end_matches('"').to_string()
 }
 
+/// Waits until member `i` itself (a serializable read) has `key` = `want`.
+fn wait_local_value(c: &raftvm_tests::Cluster, i: usize, key: &str, want: &str, timeout: Duration) {
+    raftvm_tests::poll_until(timeout, &format!("{} to have {key}={want}", c.node(i).name), || {
+        let out = etcdctl(&c.endpoint(i), &["get", key, "--print-value-only", "--consistency=s"], "");
+        if out.success() && out.stdout.trim() == want {
+            Ok(())
+        } else {
+            Err(format!("{out:?}"))
+        }
+    });
+}
+
 /// The id in `Member <hex id> added to cluster <hex id>`.
 fn added_id(out: &str) -> u64 {
     out.split_whitespace().nth(1).map(|h| u64::from_str_radix(h, 16).expect("hex id")).expect("an id")
@@ -780,14 +792,7 @@ fn member_add_replaces_a_member() {
 
     c.nodes[n4].set_serve_flag("initial-cluster", &initial_cluster);
     c.restart(n4);
-    raftvm_tests::poll_until(Duration::from_secs(60), "n4 to hold every key", || {
-        let out = etcdctl(&c.endpoint(n4), &["get", "k099", "--print-value-only", "--consistency=s"], "");
-        if out.success() && out.stdout.trim() == "v99" {
-            Ok(())
-        } else {
-            Err(format!("{out:?}"))
-        }
-    });
+    wait_local_value(&c, n4, "k099", "v99", Duration::from_secs(60));
     assert!(c.node(n4).log_contents().contains("installed snapshot"), "n4 caught up without a snapshot");
     let n4_client = c.node(n4).client_url();
     raftvm_tests::poll_until(Duration::from_secs(30), "n4 listed with its name and client URL", || {
@@ -842,14 +847,7 @@ fn member_add_replaces_a_member() {
         c.nodes[n4].set_serve_flag(flag, value);
     }
     c.restart(n4);
-    raftvm_tests::poll_until(Duration::from_secs(30), "n4 to catch up at its new peer URL", || {
-        let out = etcdctl(&c.endpoint(n4), &["get", "while-moving", "--print-value-only", "--consistency=s"], "");
-        if out.success() && out.stdout.trim() == "z" {
-            Ok(())
-        } else {
-            Err(format!("{out:?}"))
-        }
-    });
+    wait_local_value(&c, n4, "while-moving", "z", Duration::from_secs(30));
     c.assert_converged(Duration::from_secs(30));
 
     // n4 loses its data dir: it may not come back under its old id.

@@ -44,23 +44,24 @@ impl ClusterService {
     /// the name and peer URL it joined with and the client URLs it published (none until
     /// it has: etcd lists a member that never started the same way).
     fn members(&self) -> Result<Vec<Member>, Status> {
-        let config = self.node.raft.metrics().borrow().membership_config.clone();
-        let attrs = self.node.shared.db().member_attrs().map_err(|e| Status::internal(format!("{e:#}")))?;
-        let membership = config.membership();
-        let voters: std::collections::BTreeSet<_> = membership.voter_ids().collect();
-        let mut members: Vec<Member> = membership
-            .nodes()
+        let (nodes, voters) = self.current_nodes();
+        let attrs = self.published()?;
+        Ok(nodes
+            .into_iter()
             .map(|(id, m)| Member {
-                id: *id,
+                id,
                 // A member MemberAdd added has no name until it starts and publishes one.
-                name: if m.name.is_empty() { attrs.get(id).map(|a| a.name.clone()).unwrap_or_default() } else { m.name.clone() },
-                peer_ur_ls: vec![m.peer_url.clone()],
-                client_ur_ls: attrs.get(id).map(|a| a.client_urls.clone()).unwrap_or_default(),
-                is_learner: !voters.contains(id),
+                name: if m.name.is_empty() { attrs.get(&id).map(|a| a.name.clone()).unwrap_or_default() } else { m.name },
+                peer_ur_ls: vec![m.peer_url],
+                client_ur_ls: attrs.get(&id).map(|a| a.client_urls.clone()).unwrap_or_default(),
+                is_learner: !voters.contains(&id),
             })
-            .collect();
-        members.sort_by_key(|m| m.id);
-        Ok(members)
+            .collect())
+    }
+
+    /// The names and client URLs members published when they started.
+    fn published(&self) -> Result<BTreeMap<u64, crate::types::MemberAttrs>, Status> {
+        self.node.shared.db().member_attrs().map_err(|e| Status::internal(format!("{e:#}")))
     }
 
     /// Where a call must run: `None` here (this member leads), `Some(leader)` to pass it on.
@@ -75,7 +76,7 @@ impl ClusterService {
 
     /// A client of the leader's Cluster service, at the first client URL it published.
     async fn leader_client(&self, leader: u64) -> Result<ClusterClient<Channel>, Status> {
-        let attrs = self.node.shared.db().member_attrs().map_err(|e| Status::internal(format!("{e:#}")))?;
+        let attrs = self.published()?;
         let Some(url) = attrs.get(&leader).and_then(|a| a.client_urls.first()).cloned() else {
             return Err(Status::unavailable(format!(
                 "raftvm: the leader ({leader:x}) has not published its client URLs yet; retry, or ask the leader"
@@ -144,6 +145,7 @@ impl ClusterService {
         Ok((Some(header(&self.node, revision)), members))
     }
 
+    /// The current configuration's members (in id order) and its voters.
     fn current_nodes(&self) -> (BTreeMap<u64, RaftMember>, BTreeSet<u64>) {
         let config = self.node.raft.metrics().borrow().membership_config.clone();
         let m = config.membership();

@@ -91,8 +91,19 @@ fn data_path(dir: &Path, meta: &SnapshotMeta) -> PathBuf {
 }
 
 /// The first 16 hex digits of an archive's sha256, as a snapshot id ends.
-pub fn id_hash(sha256: &[u8]) -> String {
+fn id_hash(sha256: &[u8]) -> String {
     hex::encode(&sha256[..8])
+}
+
+/// A snapshot's id: `term-index-hash16` of the log id it was taken at and its archive.
+pub fn snapshot_id(at: Option<crate::types::LogId>, sha256: &[u8]) -> String {
+    let (term, index) = at.map_or((0, 0), |l| (l.leader_id.term, l.index));
+    format!("{term}-{index}-{}", id_hash(sha256))
+}
+
+/// Whether an archive with this sha256 is the one `id` was made from.
+fn id_matches(id: &str, sha256: &[u8]) -> bool {
+    id.rsplit('-').next() == Some(id_hash(sha256).as_str())
 }
 
 /// The latest snapshot's metadata and its data file, if there is one. `Ok(Some((meta,
@@ -210,11 +221,12 @@ pub fn unpack_received(file: &mut std::fs::File, meta: &SnapshotMeta, dest: &Pat
     // The rest: the end-of-archive blocks the unpacker need not read, or what follows
     // where a damaged archive stopped it.
     std::io::copy(&mut reader, &mut std::io::sink())?;
-    let hash = id_hash(&reader.finish());
+    let sha256 = reader.finish();
     ensure!(
-        meta.snapshot_id.rsplit('-').next() == Some(hash.as_str()),
-        "the received snapshot does not match its id {} (its sha256 starts {hash}): damaged in transfer",
-        meta.snapshot_id
+        id_matches(&meta.snapshot_id, &sha256),
+        "the received snapshot does not match its id {} (its sha256 starts {}): damaged in transfer",
+        meta.snapshot_id,
+        id_hash(&sha256)
     );
     unpacked.context("unpacking snapshot")?;
     sync_tree(dest)

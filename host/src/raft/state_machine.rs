@@ -513,12 +513,7 @@ impl StateMachineStore {
             let cp = StateDb::open(cp)?;
             Ok((cp.applied()?, cp.membership()?))
         })?;
-        let snapshot_id = format!(
-            "{}-{}-{}",
-            applied.map(|l| l.leader_id.term).unwrap_or(0),
-            applied.map(|l| l.index).unwrap_or(0),
-            snapshot::id_hash(&archive.sha256)
-        );
+        let snapshot_id = snapshot::snapshot_id(applied, &archive.sha256);
         let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
         let file = {
             let _files = self.shared.snapshot_files.lock().expect("poisoned");
