@@ -6,8 +6,10 @@ set -euo pipefail
 mode=${1:-run}
 pkgs=(clang libclang-dev librocksdb-dev pkg-config)
 if [ "$mode" = test ]; then
-  # protobuf-compiler: the etcd-client crate (used by tests) compiles its protos with protoc.
-  pkgs+=(rustc-web rust-web-src lld-16 clang-16 make etcd-server etcd-client protobuf-compiler python3-pip)
+  # protobuf-compiler: the etcd-client crate (used by tests) compiles its protos with protoc;
+  # libprotobuf-dev has the well-known types they import (google/protobuf/descriptor.proto),
+  # which protoc only recommends, and recommends are not installed here.
+  pkgs+=(rustc-web rust-web-src lld-16 clang-16 make etcd-server etcd-client protobuf-compiler libprotobuf-dev python3-pip)
 fi
 missing=()
 for p in "${pkgs[@]}"; do
