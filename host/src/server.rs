@@ -95,7 +95,7 @@ impl Server {
         let peer_listener = bind(&first_url(&cfg.listen_peer_urls)?).await?;
         let client_listener = bind(&first_url(&cfg.listen_client_urls)?).await?;
 
-        let log = LogStore::open(&data_dir.join("raft"))?;
+        let log = LogStore::open(&data_dir)?;
         let commit_index = log.commit_index();
         let sm = StateMachineStore::open(&data_dir)?;
         let shared = sm.shared();
@@ -261,7 +261,7 @@ async fn identity(cfg: &ServeConfig, data_dir: &std::path::Path, new_cluster: bo
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("reading {}", file.display())),
     }
-    let fresh = !data_dir.join("raft").exists() && !data_dir.join("state").exists();
+    let fresh = ["raft-log", "raft", "state"].iter().all(|d| !data_dir.join(d).exists());
     if new_cluster || !fresh {
         return Ok((derived.0, derived.1, false));
     }

@@ -388,6 +388,9 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> anyhow::Result<()> {
     std::fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::File::open(&tmp)?.sync_all()?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    // The rename itself is durable only once the directory is synced.
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::File::open(dir)?.sync_all().with_context(|| format!("syncing {}", dir.display()))?;
     Ok(())
 }
 
