@@ -133,13 +133,14 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-fn record(entry: &Entry) -> Vec<u8> {
+fn record(entry: &Entry) -> anyhow::Result<Vec<u8>> {
     let payload = encode(entry);
+    let len = u32::try_from(payload.len()).with_context(|| format!("entry {} is over 4 GiB", entry.log_id.index))?;
     let mut r = Vec::with_capacity(HEADER + payload.len());
-    r.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    r.extend_from_slice(&len.to_le_bytes());
     r.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
     r.extend_from_slice(&payload);
-    r
+    Ok(r)
 }
 
 /// Decodes the record at the start of `buf`: the entry and the record's length, or `None`
@@ -321,7 +322,7 @@ impl Wal {
                     bail!("append of entry {index} where {n} belongs");
                 }
             }
-            let rec = record(&e);
+            let rec = record(&e)?;
             // A new segment starts at the first entry ever, at the first one after a
             // snapshot installed beyond the log's end, and when the last one is full.
             let starts_new = match self.segments.back() {
@@ -477,12 +478,11 @@ impl LogStore {
         self.wal.lock().expect("raft log lock poisoned")
     }
 
-    /// Writes `meta` with the latest commit hint.
-    fn save_meta(&self, wal: &mut Wal) -> anyhow::Result<()> {
+    /// Moves the latest commit hint into `meta`, to be written with it.
+    fn take_commit_hint(&self, wal: &mut Wal) {
         if let Some(c) = self.committed.lock().expect("poisoned").take() {
             wal.meta.committed = Some(c);
         }
-        wal.save_meta()
     }
 }
 
@@ -520,7 +520,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
         let mut wal = self.wal();
         wal.meta.vote = Some(*vote);
-        self.save_meta(&mut wal).map_err(|e| io_err(ErrorSubject::Vote, ErrorVerb::Write, format!("{e:#}")))
+        self.take_commit_hint(&mut wal);
+        wal.save_meta().map_err(|e| io_err(ErrorSubject::Vote, ErrorVerb::Write, format!("{e:#}")))
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
@@ -581,9 +582,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         let mut wal = self.wal();
-        if let Some(c) = self.committed.lock().expect("poisoned").take() {
-            wal.meta.committed = Some(c);
-        }
+        self.take_commit_hint(&mut wal);
         wal.purge(log_id).map_err(write_err)
     }
 }
@@ -791,7 +790,7 @@ mod tests {
         let (path, end) = (seg.path.clone(), seg.end);
         drop(wal);
         // Half of an eleventh record, as a crash in the middle of its write leaves it.
-        let torn = record(&entry(1, 11, 100));
+        let torn = record(&entry(1, 11, 100)).unwrap();
         File::options().write(true).open(&path).unwrap().write_all_at(&torn[..torn.len() / 2], end).unwrap();
         let mut wal = Wal::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(wal.last.map(|l| l.index), Some(10));
