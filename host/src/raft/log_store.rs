@@ -64,9 +64,6 @@ const SEG_EXT: &str = "seg";
 #[derive(Clone)]
 pub struct LogStore {
     wal: Arc<Mutex<Wal>>,
-    /// The latest commit index openraft reported, not yet written: a hint for restarts,
-    /// written with the next vote or purge rather than costing a sync of its own per commit.
-    committed: Arc<Mutex<Option<LogId>>>,
     /// The latest commit index openraft reported since this process started (0 before
     /// the first), for a leader's lease reads (see [`crate::raft::lease`]).
     commit_index: Arc<AtomicU64>,
@@ -77,6 +74,9 @@ pub struct LogStore {
 struct Meta {
     vote: Option<Vote<NodeId>>,
     purged: Option<LogId>,
+    /// The latest commit index openraft reported: a hint for restarts. It is updated in
+    /// memory on every commit and written with the next vote or purge, rather than
+    /// costing a sync of its own per commit.
     committed: Option<LogId>,
 }
 
@@ -465,8 +465,7 @@ impl LogStore {
             // A migration that got as far as its rename: the old log is no longer needed.
             std::fs::remove_dir_all(&legacy).with_context(|| format!("removing {}", legacy.display()))?;
         }
-        let committed = Arc::new(Mutex::new(None));
-        Ok(Self { wal: Arc::new(Mutex::new(wal)), committed, commit_index: Default::default() })
+        Ok(Self { wal: Arc::new(Mutex::new(wal)), commit_index: Default::default() })
     }
 
     /// The commit index as openraft reports it to this store. openraft reports each new
@@ -478,13 +477,6 @@ impl LogStore {
 
     fn wal(&self) -> MutexGuard<'_, Wal> {
         self.wal.lock().expect("raft log lock poisoned")
-    }
-
-    /// Moves the latest commit hint into `meta`, to be written with it.
-    fn take_commit_hint(&self, wal: &mut Wal) {
-        if let Some(c) = self.committed.lock().expect("poisoned").take() {
-            wal.meta.committed = Some(c);
-        }
     }
 }
 
@@ -522,7 +514,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
         let mut wal = self.wal();
         wal.meta.vote = Some(*vote);
-        self.take_commit_hint(&mut wal);
         wal.save_meta().map_err(|e| io_err(ErrorSubject::Vote, ErrorVerb::Write, format!("{e:#}")))
     }
 
@@ -536,15 +527,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // restarted node waits for the leader to tell it again.
         if let Some(c) = committed {
             self.commit_index.fetch_max(c.index, Ordering::Release);
-            *self.committed.lock().expect("poisoned") = Some(c);
+            self.wal().meta.committed = Some(c);
         }
         Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        if let Some(c) = *self.committed.lock().expect("poisoned") {
-            return Ok(Some(c));
-        }
         Ok(self.wal().meta.committed)
     }
 
@@ -583,9 +571,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        let mut wal = self.wal();
-        self.take_commit_hint(&mut wal);
-        wal.purge(log_id).map_err(write_err)
+        self.wal().purge(log_id).map_err(write_err)
     }
 }
 
