@@ -51,7 +51,7 @@ use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{AnyError, ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, Vote};
 use serde::{Deserialize, Serialize};
 
-use crate::raft::state_machine::write_atomic;
+use crate::raft::state_machine::{sync_dir, write_atomic};
 use crate::types::{decode, encode, Entry, LogId, NodeId, StorageError, TypeConfig};
 
 /// Size a segment is preallocated to. A record larger than what is left starts a new
@@ -129,10 +129,6 @@ struct Wal {
 
 fn seg_name(first: u64) -> String {
     format!("{first:020}.{SEG_EXT}")
-}
-
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 fn record(entry: &Entry) -> anyhow::Result<Vec<u8>> {

@@ -242,7 +242,7 @@ fn sync_tree(dir: &Path) -> Result<()> {
             std::fs::File::open(&p)?.sync_all().with_context(|| format!("syncing {}", p.display()))?;
         }
     }
-    std::fs::File::open(dir)?.sync_all()?;
+    crate::raft::state_machine::sync_dir(dir)?;
     Ok(())
 }
 

@@ -390,8 +390,13 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> anyhow::Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
     // The rename itself is durable only once the directory is synced.
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::File::open(dir)?.sync_all().with_context(|| format!("syncing {}", dir.display()))?;
+    sync_dir(dir).with_context(|| format!("syncing {}", dir.display()))?;
     Ok(())
+}
+
+/// fsync a directory: makes the creation, removal or renaming of its entries durable.
+pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
