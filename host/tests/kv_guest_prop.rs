@@ -83,6 +83,10 @@ struct Work<'a> {
     events: Vec<(Vec<u8>, Event)>,
 }
 
+/// What a finished request leaves: its revision, the new state if it changed anything,
+/// and its events.
+type Done = (i64, Option<Map>, Vec<(Vec<u8>, Event)>);
+
 impl<'a> Work<'a> {
     fn new(m: &'a Model) -> Self {
         Work { m, work: m.latest().clone(), changed: false, events: Vec::new() }
@@ -210,7 +214,7 @@ impl<'a> Work<'a> {
     }
 
     /// Ends the request: records the new revision (if any) in the model.
-    fn commit(self) -> (i64, Option<Map>, Vec<(Vec<u8>, Event)>) {
+    fn commit(self) -> Done {
         let cur = self.cur();
         (cur, self.changed.then_some(self.work), self.events)
     }
@@ -247,6 +251,9 @@ fn check_txn(t: &TxnRequest) -> Res<()> {
 }
 
 type Dels = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// Events as the host hands them over: (key, encoded event) pairs.
+type RawEvents = Vec<(Vec<u8>, Vec<u8>)>;
 
 fn deleted(dels: &Dels, k: &[u8]) -> bool {
     dels.iter().any(|(b, e)| b.as_slice() <= k && k < e.as_slice())
@@ -376,7 +383,7 @@ impl Model {
         self.states.last().unwrap()
     }
 
-    fn record(&mut self, done: (i64, Option<Map>, Vec<(Vec<u8>, Event)>)) -> (i64, Vec<(Vec<u8>, Event)>) {
+    fn record(&mut self, done: Done) -> (i64, Vec<(Vec<u8>, Event)>) {
         self.states.extend(done.1);
         (done.0, done.2)
     }
@@ -735,7 +742,7 @@ impl<'r> Harness<'r> {
     /// (a) `apply`, and (b) `apply` on the native node; both must give the same bytes (or
     /// error message) and the same events. A rejection must leave the state untouched.
     /// Returns the raw answer and the events.
-    fn apply_both(&mut self, cmd: &[u8]) -> Result<(Res<Vec<u8>>, Vec<(Vec<u8>, Vec<u8>)>), TestCaseError> {
+    fn apply_both(&mut self, cmd: &[u8]) -> Result<(Res<Vec<u8>>, RawEvents), TestCaseError> {
         self.index += 1;
         let ctx = ApplyContext { index: self.index, term: 1, timestamp_ms: 1_000 * self.index };
         let overlay_before = self.batch.data.map.clone();
@@ -875,11 +882,11 @@ impl<'r> Harness<'r> {
                 let (got, events) = self.apply_both(bytes)?;
                 prop_assert!(got.is_err() || bytes.first() == Some(&command::TAG_PUT), "raw apply accepted: {:?}", got);
                 prop_assert!(events.is_empty() || bytes.first() == Some(&command::TAG_PUT));
-                if got.is_ok() {
+                if let Ok(got) = &got {
                     // The one well-formed raw command (a put of "a"), applied to the model too.
                     let p = PutRequest::decode(&bytes[1..]).unwrap();
                     let (resp, want_events) = self.model.put(&p).map_err(fail)?;
-                    prop_assert_eq!(decode::<PutResponse>(&got.unwrap())?, resp);
+                    prop_assert_eq!(decode::<PutResponse>(got)?, resp);
                     prop_assert_eq!(decode_events(&events)?, want_events);
                 }
                 // HashKV and Status are valid queries (both answers already compared).

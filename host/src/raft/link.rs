@@ -79,7 +79,9 @@ fn reply_result(f: Frame) -> Result<Vec<u8>, Status> {
     }
 }
 
-type Waiter = oneshot::Sender<Result<Vec<u8>, Status>>;
+/// A call's outcome: the reply's bytes or the status it failed with.
+type Reply = Result<Vec<u8>, Status>;
+type Waiter = oneshot::Sender<Reply>;
 
 /// Calls waiting for their replies on one stream.
 #[derive(Default)]
@@ -101,7 +103,7 @@ impl Session {
     }
 
     /// A fresh id and the receiver of its reply; `None` if the stream has ended.
-    fn register(&self) -> Option<(u64, oneshot::Receiver<Result<Vec<u8>, Status>>)> {
+    fn register(&self) -> Option<(u64, oneshot::Receiver<Reply>)> {
         let mut p = self.pending.lock().expect("poisoned");
         if p.closed {
             return None;

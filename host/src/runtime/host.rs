@@ -6,6 +6,7 @@ use crate::storage::{machine_prefix, prefix_end, read_through, scan_through, Com
 use crate::storage::leases::{attach_key, get_lease};
 
 use super::bindings::raftvm::machine::{events, leases, log, store, types};
+use super::Events;
 
 /// Largest `limit` a single `scan` honours, so a guest cannot make the host build a huge
 /// list in one call (it pages instead).
@@ -26,7 +27,7 @@ pub struct HostState {
     base: Overlay,
     /// This command's writes.
     cmd: Overlay,
-    events: Vec<(Vec<u8>, Vec<u8>)>,
+    events: Events,
     writable: bool,
     memory_cap: usize,
     /// Size the instance's linear memory has grown to (it never shrinks).
@@ -139,7 +140,7 @@ impl HostState {
 
     /// End a call: hand back the base overlay, this command's writes and events, and any
     /// host fault.
-    pub(super) fn finish(&mut self) -> (Overlay, Overlay, Vec<(Vec<u8>, Vec<u8>)>, Option<anyhow::Error>) {
+    pub(super) fn finish(&mut self) -> (Overlay, Overlay, Events, Option<anyhow::Error>) {
         self.writable = false;
         self.view = None;
         (

@@ -83,10 +83,13 @@ impl From<ApplyContext> for WitApplyContext {
     }
 }
 
+/// The events a command emitted, in order: (key, event bytes) pairs.
+pub type Events = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// A committed command's effects.
 #[derive(Debug, Default)]
 pub struct Effects {
-    pub events: Vec<(Vec<u8>, Vec<u8>)>,
+    pub events: Events,
 }
 
 /// A failure of the node itself (disk, cache), as opposed to a guest failure: the node must

@@ -540,7 +540,9 @@ pub fn scan_through(
     let deletions = pending.values().filter(|v| v.is_none()).count();
     // Enough committed entries to fill `limit` even if overlay deletions hide some.
     let committed = db.scan_data(start, end, reverse, limit.saturating_add(deletions))?;
-    let mut over: Box<dyn Iterator<Item = (&[u8], Option<&[u8]>)>> =
+    // The overlays' entries in scan order: a key and its value, `None` for a deletion.
+    type Pending<'a> = Box<dyn Iterator<Item = (&'a [u8], Option<&'a [u8]>)> + 'a>;
+    let mut over: Pending<'_> =
         if reverse { Box::new(pending.into_iter().rev()) } else { Box::new(pending.into_iter()) };
     let mut over_next = over.next();
     let mut base = committed.into_iter().peekable();
