@@ -77,6 +77,9 @@ pub struct ServeConfig {
     /// etcd).
     #[arg(long, value_enum, default_value = "lease")]
     pub linearizable_reads: ReadCheck,
+    /// Reject reconfiguration requests that would cause quorum loss.
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub strict_reconfig_check: bool,
     /// Path to the server configuration file (YAML with etcd's keys).
     #[arg(long)]
     #[serde(skip)]
@@ -240,6 +243,25 @@ mod tests {
         let id = c.my_id().unwrap();
         assert_eq!(id, member_id("n2", "http://127.0.0.1:2", "etcd-cluster"));
         assert_eq!(c.heartbeat_interval, 100, "unset keys keep etcd's defaults");
+        assert!(c.strict_reconfig_check, "etcd's default");
+    }
+
+    /// etcd's boolean flag forms: bare (true), `=false`, `=true`; and the YAML key.
+    #[test]
+    fn strict_reconfig_check_flag() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Wrap {
+            #[command(flatten)]
+            c: ServeConfig,
+        }
+        let parse = |args: &[&str]| Wrap::parse_from(std::iter::once("raftvm").chain(args.iter().copied())).c;
+        assert!(parse(&[]).strict_reconfig_check);
+        assert!(parse(&["--strict-reconfig-check"]).strict_reconfig_check);
+        assert!(!parse(&["--strict-reconfig-check=false"]).strict_reconfig_check);
+        assert!(parse(&["--strict-reconfig-check=true"]).strict_reconfig_check);
+        let c: ServeConfig = serde_yaml_ng::from_str("strict-reconfig-check: false\n").unwrap();
+        assert!(!c.strict_reconfig_check);
     }
 
     #[test]

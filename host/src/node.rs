@@ -59,6 +59,9 @@ pub struct Node {
     pub read_batcher: ReadBatcher,
     /// Whether a leader may confirm its leadership by its lease (`--linearizable-reads`).
     pub read_check: ReadCheck,
+    /// Refuse member changes that leave too few started voters for a quorum
+    /// (`--strict-reconfig-check`, see `api::cluster`).
+    pub strict_reconfig_check: bool,
     pub lease: Arc<LeaderLease>,
     /// The commit index as openraft reports it ([`crate::raft::log_store::LogStore::commit_index`]).
     pub commit_index: Arc<AtomicU64>,

@@ -115,6 +115,7 @@ impl Server {
             batcher: Default::default(),
             read_batcher: Default::default(),
             read_check: cfg.linearizable_reads,
+            strict_reconfig_check: cfg.strict_reconfig_check,
             lease: Default::default(),
             commit_index,
             read_stats: Default::default(),

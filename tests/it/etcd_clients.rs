@@ -186,7 +186,7 @@ fn etcd_client_crate_on_three_members() {
 /// etcd's Cluster.MemberList: every member with its id (the member id of its response
 /// headers), name, peer URL and published client URLs, through etcdctl (`member list`,
 /// and the `--cluster` forms of `endpoint health` and `endpoint status`, which dial the
-/// client URLs it lists) and the Rust client. Adding members answers Unimplemented.
+/// client URLs it lists) and the Rust client, which also adds and removes a learner.
 #[test]
 fn member_list_on_three_members() {
     let cluster = start_kv_cluster(3);
@@ -751,6 +751,54 @@ fn wait_local_value(c: &raftvm_tests::Cluster, i: usize, key: &str, want: &str, 
 /// The id in `Member <hex id> added to cluster <hex id>`.
 fn added_id(out: &str) -> u64 {
     out.split_whitespace().nth(1).map(|h| u64::from_str_radix(h, 16).expect("hex id")).expect("an id")
+}
+
+/// etcd's strict reconfiguration check (on by default): voters that never started may be
+/// added while the started ones still make a quorum of the new configuration; the next one
+/// is refused with etcd's error and is not added. Learners do not count. Removing a started
+/// voter is refused when the started ones left would be too few; removing one that never
+/// started is not. (The added members get unreachable peer URLs and never start.)
+#[test]
+fn strict_reconfig_check_keeps_a_started_quorum() {
+    const REFUSED: &str = "etcdserver: re-configuration failed due to not enough started members";
+    let c = start_kv_cluster(3);
+    let member_list = || etcdctl(&c.endpoint(1), &["member", "list"], "");
+    raftvm_tests::poll_until(Duration::from_secs(30), "three started members", || {
+        let out = member_list();
+        if out.success() && out.stdout.lines().filter(|l| l.contains(", started, ")).count() == 3 {
+            Ok(())
+        } else {
+            Err(format!("{out:?}"))
+        }
+    });
+    let add = |port: u16, learner: bool| {
+        let url = format!("--peer-urls=http://127.0.0.1:{port}");
+        let name = format!("never{port}");
+        let mut args = vec!["member", "add", name.as_str(), url.as_str()];
+        if learner {
+            args.push("--learner");
+        }
+        etcdctl(&c.endpoint(0), &args, "")
+    };
+    // 3 started of 4 voters, then of 5: still a quorum.
+    let first = add(1, false);
+    assert!(first.ok().contains(" added to cluster "), "{first:?}");
+    assert!(add(2, false).ok().contains(" added to cluster "));
+    // 3 started of 6 is not.
+    let refused = add(3, false);
+    assert!(refused.err().contains(REFUSED), "{refused:?}");
+    assert!(add(4, true).ok().contains(" added to cluster "), "a learner is not counted");
+    let listed = member_list();
+    assert_eq!(listed.ok().lines().count(), 6, "{listed:?}");
+    assert!(!listed.ok().contains("http://127.0.0.1:3"), "the refused member was added: {listed:?}");
+
+    // 2 started of 4 after removing a started voter: refused; an unstarted one goes.
+    let started = c.status(2).expect("status").member_id;
+    let out = etcdctl(&c.endpoint(0), &["member", "remove", &started], "");
+    assert!(out.err().contains(REFUSED), "{out:?}");
+    let out = etcdctl(&c.endpoint(0), &["member", "remove", &format!("{:x}", added_id(first.ok()))], "");
+    assert!(out.success(), "{out:?}");
+    assert_eq!(member_list().ok().lines().count(), 5);
 }
 
 /// etcd's way to replace a member: remove the dead one, `etcdctl member add` a new one,

@@ -64,6 +64,33 @@ impl ClusterService {
         self.node.shared.db().member_attrs().map_err(|e| Status::internal(format!("{e:#}")))
     }
 
+    /// etcd's `--strict-reconfig-check` (on by default): a change to the voters is refused
+    /// when, once it is done, the voters that have started (published their name; this
+    /// member has) would be too few for a quorum.
+    fn check_started_quorum(&self, voters: &BTreeSet<u64>, change: VoterChange) -> Result<(), Status> {
+        if !self.node.strict_reconfig_check {
+            return Ok(());
+        }
+        let attrs = self.published()?;
+        let is_started = |id: &u64| *id == self.node.id || attrs.contains_key(id);
+        let (n, started) = (voters.len(), voters.iter().filter(|id| is_started(id)).count());
+        let ok = match change {
+            // The new voter has not started: it counts in the quorum, not as started.
+            // etcd's one exception: a single started member may add a second voter (how a
+            // one-member cluster grows, or one restored from a backup).
+            VoterChange::Add => (n == 1 && started == 1) || quorum(n + 1, started),
+            // A learner in sync counts as started, as in etcd.
+            VoterChange::Promote => quorum(n + 1, started + 1),
+            VoterChange::Remove(id) => quorum(n - 1, started - usize::from(is_started(&id))),
+        };
+        if ok {
+            Ok(())
+        } else {
+            tracing::warn!(voters = n, started, ?change, "refusing a member change: not enough started members");
+            Err(Status::failed_precondition(ERR_NOT_ENOUGH_MEMBERS))
+        }
+    }
+
     /// Where a call must run: `None` here (this member leads), `Some(leader)` to pass it on.
     fn route(&self, forwarded: bool) -> Result<Option<u64>, Status> {
         match self.node.leader() {
@@ -191,9 +218,12 @@ impl Cluster for ClusterService {
     async fn member_add(&self, req: Request<MemberAddRequest>) -> Result<Response<MemberAddResponse>, Status> {
         let req = on_leader!(self, req, member_add);
         let url = Self::peer_url(req.peer_ur_ls)?;
-        let (nodes, _) = self.current_nodes();
+        let (nodes, voters) = self.current_nodes();
         if nodes.values().any(|m| m.peer_url == url) {
             return Err(Status::failed_precondition(ERR_PEER_URL_EXISTS));
+        }
+        if !req.is_learner {
+            self.check_started_quorum(&voters, VoterChange::Add)?;
         }
         let id = self.new_member_id(&url, &nodes);
         let node = RaftMember { name: String::new(), peer_url: url.clone() };
@@ -225,6 +255,7 @@ impl Cluster for ClusterService {
         } else if voters.len() == 1 {
             return Err(Status::failed_precondition(ERR_NOT_ENOUGH_MEMBERS));
         } else {
+            self.check_started_quorum(&voters, VoterChange::Remove(id))?;
             ChangeMembers::RemoveVoters([id].into())
         };
         tracing::info!(member = format!("{id:x}"), "removing a member");
@@ -273,9 +304,37 @@ impl Cluster for ClusterService {
         if (matched as f64) < (last as f64) * LEARNER_READY {
             return Err(Status::failed_precondition(ERR_LEARNER_NOT_READY));
         }
+        self.check_started_quorum(&voters, VoterChange::Promote)?;
         tracing::info!(member = format!("{id:x}"), "promoting a learner");
         self.change(ChangeMembers::AddVoterIds([id].into())).await?;
         let (header, members) = self.listing().await?;
         Ok(Response::new(MemberPromoteResponse { header, members }))
+    }
+}
+
+/// A change to the voters, as the strict reconfiguration check counts it.
+#[derive(Debug, Clone, Copy)]
+enum VoterChange {
+    Add,
+    Promote,
+    Remove(u64),
+}
+
+/// Whether `started` of `voters` voters make a quorum.
+fn quorum(voters: usize, started: usize) -> bool {
+    started > voters / 2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quorum;
+
+    #[test]
+    fn quorum_of_started_voters() {
+        // etcd's examples: 3 voters need 2 started, 4 need 3, 5 need 3.
+        assert!(quorum(3, 2) && !quorum(3, 1));
+        assert!(quorum(4, 3) && !quorum(4, 2));
+        assert!(quorum(5, 3) && !quorum(5, 2));
+        assert!(quorum(1, 1) && !quorum(2, 1));
     }
 }
