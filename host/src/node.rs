@@ -17,7 +17,8 @@ use serde::{Deserialize, Serialize};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::proto::peer::{
-    raft_peer_server::RaftPeer, Blob, Frame, JoinReply, JoinRequest, LeaseReply, LeaseRequest, ReadIndexRequest, ReadIndexResponse,
+    raft_peer_server::RaftPeer, Blob, Frame, JoinReply, JoinRequest, LeaseReply, LeaseRequest, MemberCheckReply, MemberCheckRequest,
+    ReadIndexRequest, ReadIndexResponse,
 };
 use crate::config::ReadCheck;
 use crate::raft::lease::LeaderLease;
@@ -667,6 +668,17 @@ impl RaftPeer for PeerService {
     /// client URLs, that is, once it has started before: a member that lost its data
     /// dir and joined again under the same id would have forgotten its vote (etcd refuses
     /// it the same way).
+    async fn member_check(
+        &self,
+        req: tonic::Request<MemberCheckRequest>,
+    ) -> Result<tonic::Response<MemberCheckReply>, tonic::Status> {
+        let req = req.into_inner();
+        if self.node.removed_from_config(Some(req.member_id), req.last_log_index) {
+            return Err(tonic::Status::failed_precondition(crate::raft::network::ERR_MEMBER_REMOVED));
+        }
+        Ok(tonic::Response::new(MemberCheckReply {}))
+    }
+
     async fn join(&self, req: tonic::Request<JoinRequest>) -> Result<tonic::Response<JoinReply>, tonic::Status> {
         let url = req.into_inner().peer_url;
         let config = self.node.raft.metrics().borrow().membership_config.clone();

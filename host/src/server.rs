@@ -102,7 +102,8 @@ impl Server {
         // Peers telling this member it was removed (`Network`), and this member announcing it.
         let (told_removed, told) = watch::channel(false);
         let (removed_tx, removed) = watch::channel(false);
-        let network = Network { removed: Arc::new(told_removed) };
+        let told_removed = Arc::new(told_removed);
+        let network = Network { removed: told_removed.clone() };
         let raft = Raft::new(id, Arc::new(raft_config), network, log, sm).await.context("starting raft")?;
 
         let node = Arc::new(Node {
@@ -194,6 +195,8 @@ impl Server {
 
         tasks.push(tokio::spawn(leader_callbacks(node.clone(), stopped.clone())));
         tasks.push(tokio::spawn(leave_when_removed(node.clone(), told, removed_tx, stopped.clone())));
+        let every = Duration::from_millis(cfg.election_timeout.saturating_mul(3));
+        tasks.push(tokio::spawn(ask_while_learner(node.clone(), told_removed, every, stopped.clone())));
         tasks.push(tokio::spawn(install_default_kv(node.clone(), stopped.clone())));
         tasks.push(tokio::spawn(crate::lessor::run_expiry(node.clone(), stopped.clone())));
         tasks.push(tokio::spawn(crate::compactor::finish_pending(node.clone(), stopped.clone())));
@@ -335,6 +338,45 @@ async fn leave_when_removed(
             r = metrics.changed() => if r.is_err() { return },
             r = told.changed() => if r.is_err() { return },
             _ = stopped.wait_for(|v| *v) => return,
+        }
+    }
+}
+
+/// A learner never asks for votes, so, unlike a voter, no peer ever answers it that it was
+/// removed; and the leader stops replicating to a removed learner at once, so it may never
+/// receive the entry that removed it (it was down, say). While this member is a learner in
+/// its own configuration, it asks its peers every `every` whether they still count it; a
+/// peer whose committed configuration removed it answers
+/// [`crate::raft::network::ERR_MEMBER_REMOVED`] and `told` is set, as for a voter.
+async fn ask_while_learner(node: Arc<Node>, told: Arc<watch::Sender<bool>>, every: Duration, mut stopped: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stopped.wait_for(|v| *v) => return,
+        }
+        let (peers, last_log_index) = {
+            let m = node.raft.metrics();
+            let m = m.borrow();
+            let membership = m.membership_config.membership();
+            let learner = membership.get_node(&node.id).is_some() && !membership.voter_ids().any(|v| v == node.id);
+            if !learner {
+                continue;
+            }
+            let peers: Vec<String> =
+                membership.nodes().filter(|(id, _)| **id != node.id).map(|(_, n)| n.peer_url.clone()).collect();
+            (peers, m.last_log_index.unwrap_or(0))
+        };
+        for url in peers {
+            let Ok(link) = crate::raft::network::peer_link(&url) else { continue };
+            let mut req = tonic::Request::new(crate::proto::peer::MemberCheckRequest { member_id: node.id, last_log_index });
+            req.set_timeout(every);
+            if let Err(s) = link.client().member_check(req).await {
+                if s.code() == tonic::Code::FailedPrecondition && s.message() == crate::raft::network::ERR_MEMBER_REMOVED {
+                    told.send_replace(true);
+                    return;
+                }
+                tracing::debug!(peer = %url, "member check: {s}");
+            }
         }
     }
 }

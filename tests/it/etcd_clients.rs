@@ -753,6 +753,50 @@ fn added_id(out: &str) -> u64 {
     out.split_whitespace().nth(1).map(|h| u64::from_str_radix(h, 16).expect("hex id")).expect("an id")
 }
 
+/// A learner never asks for votes, so it cannot learn its removal from vote answers as a
+/// voter does; it asks its peers while it is a learner. Removed while it runs, and removed
+/// while it is down and then restarted, it stops with etcd's message (before, the second
+/// sat idle for good).
+#[test]
+fn removed_learner_stops() {
+    let mut c = start_kv_cluster(1);
+    let mut start_learner = |name: &str| -> (usize, u64) {
+        let n = c.add_node(name);
+        let peer = c.node(n).peer_url();
+        let out = etcdctl(&c.endpoint(0), &["member", "add", name, "--learner", &format!("--peer-urls={peer}")], "");
+        assert!(out.ok().contains(" added to cluster "), "{out:?}");
+        c.nodes[n].set_serve_flag("initial-cluster", &member_add_var(out.ok(), "ETCD_INITIAL_CLUSTER"));
+        c.restart(n);
+        let started = format!(", started, {name}, ");
+        raftvm_tests::poll_until(Duration::from_secs(60), "the learner to publish its name", || {
+            let out = etcdctl(&c.endpoint(0), &["member", "list"], "");
+            if out.stdout.contains(&started) {
+                Ok(())
+            } else {
+                Err(format!("{out:?}"))
+            }
+        });
+        (n, added_id(out.ok()))
+    };
+    let (running, running_id) = start_learner("l1");
+    let (down, down_id) = start_learner("l2");
+    let remove = |id: u64| {
+        let out = etcdctl(&c.endpoint(0), &["member", "remove", &format!("{id:x}")], "");
+        assert!(out.success(), "{out:?}");
+    };
+
+    remove(running_id);
+    c.stop(down);
+    remove(down_id);
+    c.restart(down);
+    for n in [running, down] {
+        let st = c.node(n).wait_exit(Duration::from_secs(60)).expect("the removed learner to stop");
+        assert!(!st.success(), "{st}");
+        assert!(c.node(n).log_contents().contains("permanently removed from the cluster"));
+    }
+    assert_eq!(etcdctl(&c.endpoint(0), &["put", "k", "v"], "").ok(), "OK");
+}
+
 /// etcd's strict reconfiguration check (on by default): voters that never started may be
 /// added while the started ones still make a quorum of the new configuration; the next one
 /// is refused with etcd's error and is not added. Learners do not count. Removing a started

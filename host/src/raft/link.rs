@@ -271,7 +271,7 @@ mod tests {
 
     use super::*;
     use crate::proto::peer::raft_peer_server::{RaftPeer, RaftPeerServer};
-    use crate::proto::peer::{JoinReply, JoinRequest, LeaseReply, ReadIndexResponse};
+    use crate::proto::peer::{JoinReply, JoinRequest, LeaseReply, MemberCheckReply, MemberCheckRequest, ReadIndexResponse};
 
     /// A peer that echoes AppendEntries and counts how each call arrived. `stream`: whether
     /// it serves `Calls`. On the stream, a [`HOLD`] call is never answered and an [`END`]
@@ -309,6 +309,9 @@ mod tests {
         }
         async fn join(&self, _r: Request<JoinRequest>) -> Result<Response<JoinReply>, Status> {
             Err(Status::unimplemented("join"))
+        }
+        async fn member_check(&self, _r: Request<MemberCheckRequest>) -> Result<Response<MemberCheckReply>, Status> {
+            Err(Status::unimplemented("member check"))
         }
         type CallsStream = UnboundedReceiverStream<Result<Frame, Status>>;
         async fn calls(&self, r: Request<Streaming<Frame>>) -> Result<Response<Self::CallsStream>, Status> {
