@@ -663,11 +663,9 @@ impl RaftPeer for PeerService {
         Ok(tonic::Response::new(self.node.serve_lease_call(req.into_inner()).await))
     }
 
-    /// The id MemberAdd gave a peer URL, for the member that starts there with
-    /// `--initial-cluster-state existing`. Refused once that member has published its
-    /// client URLs, that is, once it has started before: a member that lost its data
-    /// dir and joined again under the same id would have forgotten its vote (etcd refuses
-    /// it the same way).
+    /// A learner asking whether it is still a member (see `server::ask_while_learner`): a
+    /// member whose committed configuration removed it answers as to a removed voter's
+    /// vote request.
     async fn member_check(
         &self,
         req: tonic::Request<MemberCheckRequest>,
@@ -679,6 +677,11 @@ impl RaftPeer for PeerService {
         Ok(tonic::Response::new(MemberCheckReply {}))
     }
 
+    /// The id MemberAdd gave a peer URL, for the member that starts there with
+    /// `--initial-cluster-state existing`. Refused once that member has published its
+    /// client URLs, that is, once it has started before: a member that lost its data
+    /// dir and joined again under the same id would have forgotten its vote (etcd refuses
+    /// it the same way).
     async fn join(&self, req: tonic::Request<JoinRequest>) -> Result<tonic::Response<JoinReply>, tonic::Status> {
         let url = req.into_inner().peer_url;
         let config = self.node.raft.metrics().borrow().membership_config.clone();
