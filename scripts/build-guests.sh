@@ -6,7 +6,9 @@
 # NAME is the guest's directory name (guest-examples/register-rust ->
 # register-rust.wasm). A directory with a Cargo.toml is a Rust wit-bindgen
 # guest; one with a Makefile (and no Cargo.toml) is a C guest built with
-# `make wasm check` (see guest-examples/register-c/README.md).
+# `make wasm check` (see guest-examples/register-c/README.md); one with a
+# package.json is a JavaScript guest built with componentize-js (see
+# guest-examples/register-js/README.md).
 #
 # Installs what it needs if missing (Debian: rustc-web rust-web-src lld-16
 # clang-16 make; wit-bindgen-cli into the cache), so it runs unattended from a
@@ -14,6 +16,7 @@
 # up to date. Everything built lives under $HOME/.cache/raftvm, not the repo:
 #   guest-wasm/   the guests' shared cargo target dir (RAFTVM_GUEST_TARGET)
 #   tools/        wit-bindgen-cli (RAFTVM_TOOLS)
+#   guest-wasm/js/NAME/  a JavaScript guest's npm packages (from its lock file)
 # See docs/guest-abi.md for the why of each step.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -87,6 +90,37 @@ need_wit_bindgen() {
 mkdir -p "$out"
 produced=()
 
+# ---- JavaScript guests (package.json) ---------------------------------------
+
+build_js() { # DIR NAME
+  local dir=$1 name=$2 build=$guest_target/js/$2 main
+  if ! command -v npm >/dev/null || ! command -v node >/dev/null; then
+    say "installing nodejs npm"
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo -n"
+    $SUDO apt-get update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+  fi
+  mkdir -p "$build"
+  # The packages (componentize-js with its SpiderMonkey engine, ~400 MB) go into
+  # the cache, installed exactly as the lock file says, again only when it changes.
+  if ! cmp -s "$dir/package-lock.json" "$build/package-lock.json" || [ ! -d "$build/node_modules" ]; then
+    say "installing $name's npm packages into $build"
+    cp "$dir/package.json" "$dir/package-lock.json" "$build/"
+    (cd "$build" && npm ci --silent --no-audit --no-fund >&2)
+  fi
+  main=$(cd "$dir" && node -p 'require("./package.json").main')
+  if [ -f "$out/$name.wasm" ] && [ -z "$(find "$dir/$main" "$dir/package-lock.json" "$root/wit" -newer "$out/$name.wasm" -print -quit)" ]; then
+    say "$name (JavaScript) is up to date"
+  else
+    say "building $name (JavaScript)"
+    # Every WASI feature disabled: the component imports raftvm's world only.
+    "$build/node_modules/.bin/componentize-js" "$dir/$main" --wit "$root/wit" --world-name state-machine \
+      --disable stdio random clocks http fetch-event -o "$out/$name.wasm" >&2
+  fi
+  "$componentize" --check "$out/$name.wasm" >/dev/null
+  produced+=("$out/$name.wasm")
+}
+
 # ---- Rust guests ------------------------------------------------------------
 
 build_rust() { # DIR NAME
@@ -140,15 +174,19 @@ for dir in guest-examples/*/; do
     build_rust "$root/$dir" "$name"
   elif [ -f "$dir/Makefile" ]; then
     build_c "$root/$dir" "$name"
+  elif [ -f "$dir/package.json" ]; then
+    build_js "$root/$dir" "$name"
   else
-    say "skipping $dir (no Cargo.toml or Makefile)"
+    say "skipping $dir (no Cargo.toml, Makefile or package.json)"
   fi
 done
 
-# The two register machines must expose the same interface.
-if [ -f "$out/register-rust.wasm" ] && [ -f "$out/register-c.wasm" ]; then
-  "$componentize" --same-exports "$out/register-rust.wasm" "$out/register-c.wasm" >/dev/null
-fi
+# The register machines must expose the same interface.
+for other in register-c register-js; do
+  if [ -f "$out/register-rust.wasm" ] && [ -f "$out/$other.wasm" ]; then
+    "$componentize" --same-exports "$out/register-rust.wasm" "$out/$other.wasm" >/dev/null
+  fi
+done
 
 for f in "${produced[@]}"; do
   printf '%s\t%s bytes\n' "$f" "$(wc -c <"$f")"

@@ -1,6 +1,7 @@
 //! The `raftvm` command line: `serve`, and client commands that talk to a cluster's admin
 //! API with etcdctl-style `--endpoints`.
 
+use std::os::unix::ffi::OsStringExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -31,14 +32,18 @@ pub enum Command {
     /// Apply a command through a machine (replicated); prints the machine's response.
     Call {
         machine: String,
-        payload: String,
+        /// The command's bytes: any bytes the shell can pass (`$'\xff'`), not only UTF-8.
+        #[arg(value_parser = clap::value_parser!(std::ffi::OsString))]
+        payload: std::ffi::OsString,
         #[command(flatten)]
         client: ClientArgs,
     },
     /// Run a read-only query on a machine (linearizable unless --serializable).
     Query {
         machine: String,
-        payload: String,
+        /// The request's bytes, as for `call`.
+        #[arg(value_parser = clap::value_parser!(std::ffi::OsString))]
+        payload: std::ffi::OsString,
         #[arg(long)]
         serializable: bool,
         #[command(flatten)]
@@ -143,9 +148,10 @@ pub struct ClientArgs {
     /// gRPC endpoints (comma separated).
     #[arg(long, default_value = "127.0.0.1:2379", global = true)]
     pub endpoints: String,
-    /// Timeout for short running command (excluding dial timeout).
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, global = true)]
-    pub command_timeout: Duration,
+    /// Timeout for short running command (excluding dial timeout) [default: 5s; 5m for
+    /// `module install`, which compiles the module first]
+    #[arg(long, value_parser = humantime::parse_duration, global = true)]
+    pub command_timeout: Option<Duration>,
     /// Dial timeout for client connections.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration, global = true)]
     pub dial_timeout: Duration,
@@ -163,7 +169,18 @@ pub fn endpoint_urls(list: &str) -> Vec<String> {
         .collect()
 }
 
+/// `--command-timeout` when not given (etcdctl's).
+const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+/// `--command-timeout` of `module install` when not given: the receiving member compiles
+/// the module before it proposes it, and a large one (a JavaScript guest carries its
+/// engine, ~12 MB) takes seconds to minutes.
+const INSTALL_COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
+
 impl ClientArgs {
+    fn command_timeout(&self) -> Duration {
+        self.command_timeout.unwrap_or(DEFAULT_COMMAND_TIMEOUT)
+    }
+
     fn endpoints(&self) -> Vec<String> {
         endpoint_urls(&self.endpoints)
     }
@@ -171,7 +188,7 @@ impl ClientArgs {
     async fn connect_to(&self, ep: &str) -> Result<AdminClient<Channel>> {
         let ch = Endpoint::from_shared(ep.to_string())?
             .connect_timeout(self.dial_timeout)
-            .timeout(self.command_timeout)
+            .timeout(self.command_timeout())
             .connect()
             .await
             .with_context(|| format!("connecting to {ep}"))?;
@@ -200,7 +217,8 @@ pub async fn run_client(cmd: Command) -> Result<()> {
         Command::Serve(_) => unreachable!("handled by main"),
         Command::Snapshot(cmd) => run_snapshot(cmd).await?,
         Command::Bench(args) => crate::bench::run(args).await?,
-        Command::Module(ModuleCommand::Install { name, file, fuel, memory_mb, client }) => {
+        Command::Module(ModuleCommand::Install { name, file, fuel, memory_mb, mut client }) => {
+            client.command_timeout = client.command_timeout.or(Some(INSTALL_COMMAND_TIMEOUT));
             let wasm = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let r = client
                 .connect()
@@ -235,7 +253,7 @@ pub async fn run_client(cmd: Command) -> Result<()> {
             let r = client
                 .connect()
                 .await?
-                .call(CallRequest { machine, payload: payload.into_bytes() })
+                .call(CallRequest { machine, payload: payload.into_vec() })
                 .await
                 .map_err(status_err)?;
             println!("{}", String::from_utf8_lossy(&r.into_inner().output));
@@ -244,7 +262,7 @@ pub async fn run_client(cmd: Command) -> Result<()> {
             let r = client
                 .connect()
                 .await?
-                .query(QueryRequest { machine, payload: payload.into_bytes(), serializable })
+                .query(QueryRequest { machine, payload: payload.into_vec(), serializable })
                 .await
                 .map_err(status_err)?;
             println!("{}", String::from_utf8_lossy(&r.into_inner().output));

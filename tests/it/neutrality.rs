@@ -1,12 +1,18 @@
-//! Test 5: the Rust and the C register guests are interchangeable: the same
-//! commands give the same responses and exit codes, and the same final state.
+//! Test 5: the Rust, the C and the JavaScript register guests are interchangeable:
+//! the same commands give the same responses, error messages and exit codes, and the
+//! same final state.
 
 use std::collections::BTreeMap;
 
-use raftvm_tests::{guest, Cluster, CmdOutput};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::process::Command;
+
+use raftvm_tests::{guest, raftvm_bin, Cluster, CmdOutput};
 
 const RS: &str = "reg-rust";
 const C: &str = "reg-c";
+const JS: &str = "reg-js";
 const KEYS: &[&str] = &["a", "b", "ab", "abc", "x", "y"];
 
 /// Small deterministic PRNG (xorshift64*), so the sequence is the same every run.
@@ -39,36 +45,41 @@ struct Harness<'a> {
 }
 
 impl Harness<'_> {
-    /// Runs `payload` on both machines, asserts identical exit code and stdout,
+    /// Runs `payload` on the three machines, asserts identical exit code and stdout,
     /// returns the Rust guest's output.
     #[track_caller]
-    fn both(&mut self, kind: Kind, payload: &str) -> CmdOutput {
+    fn all(&mut self, kind: Kind, payload: &str) -> CmdOutput {
         let run = |m: &str| match kind {
             Kind::Call => self.c.call(0, m, payload),
             Kind::Query => self.c.query(0, m, payload),
         };
-        let (r, c) = (run(RS), run(C));
-        assert!(r.code.is_some() && c.code.is_some(), "a command was killed:\n{r:?}\n{c:?}");
-        assert_eq!(
-            (r.code, &r.stdout),
-            (c.code, &c.stdout),
-            "step {}: {payload:?} differs between the guests:\n{r:?}\n{c:?}",
-            self.steps
-        );
+        let r = run(RS);
+        for (name, o) in [(C, run(C)), (JS, run(JS))] {
+            assert!(r.code.is_some() && o.code.is_some(), "a command was killed:\n{r:?}\n{name}: {o:?}");
+            assert_eq!(
+                (r.code, &r.stdout, &r.stderr),
+                (o.code, &o.stdout, &o.stderr),
+                "step {}: {payload:?} differs between {RS} and {name}:\n{r:?}\n{o:?}",
+                self.steps
+            );
+            if !r.success() {
+                assert!(!o.stderr.trim().is_empty(), "{name}: {o:?}");
+            }
+        }
         if !r.success() {
             assert_eq!(r.code, Some(1), "a guest error must exit with 1: {r:?}");
-            assert!(!r.stderr.trim().is_empty() && !c.stderr.trim().is_empty(), "{r:?}\n{c:?}");
+            assert!(!r.stderr.trim().is_empty(), "{r:?}");
             self.failures += 1;
         }
         self.steps += 1;
         r
     }
 
-    /// Applies a command to both machines and checks it against the model where
-    /// the protocol is explicit (elsewhere only Rust == C is required, and the
+    /// Applies a command to every machine and checks it against the model where
+    /// the protocol is explicit (elsewhere only their agreement is required, and the
     /// model follows what they did).
     fn apply(&mut self, cmd: &str) {
-        let out = self.both(Kind::Call, cmd);
+        let out = self.all(Kind::Call, cmd);
         let w: Vec<&str> = cmd.split(' ').collect();
         let ok = out.success();
         match w.as_slice() {
@@ -79,7 +90,10 @@ impl Harness<'_> {
             ["incr", k, n] => {
                 let cur = self.model.get(*k).map(|v| v.parse::<i64>());
                 if let (Some(Ok(cur)), Ok(n)) = (cur, n.parse::<i64>()) {
-                    assert_eq!(out.ok(), (cur + n).to_string(), "{cmd}");
+                    match cur.checked_add(n) {
+                        Some(sum) => assert_eq!(out.ok(), sum.to_string(), "{cmd}"),
+                        None => assert!(out.err().contains("overflow"), "{cmd}: {out:?}"),
+                    }
                 }
                 if ok {
                     self.model.insert(k.to_string(), out.out().to_string());
@@ -113,7 +127,7 @@ impl Harness<'_> {
     }
 
     fn query_get(&mut self, k: &str) {
-        let out = self.both(Kind::Query, &format!("get {k}"));
+        let out = self.all(Kind::Query, &format!("get {k}"));
         match self.model.get(k) {
             Some(v) => assert_eq!(out.ok(), v),
             None => assert!(out.err().contains(&format!("not found: {k}")), "{out:?}"),
@@ -126,11 +140,14 @@ impl Harness<'_> {
 }
 
 #[test]
-fn rust_and_c_register_guests_agree() {
-    let (rs, cg) = (guest("register-rust"), guest("register-c"));
+fn rust_c_and_js_register_guests_agree() {
+    let (rs, cg, js) = (guest("register-rust"), guest("register-c"), guest("register-js"));
     let c = Cluster::start(1);
     c.install_ok(0, RS, &rs);
     c.install_ok(0, C, &cg);
+    // 12 MB of SpiderMonkey to compile: more than the usual command timeout.
+    let out = c.install(0, JS, &js, &["--command-timeout=300s"]);
+    assert_eq!(out.ok(), format!("installed {JS} sha256={}", raftvm_tests::sha256_file(&js)), "{out:?}");
     let mut h = Harness { c: &c, model: BTreeMap::new(), steps: 0, failures: 0 };
 
     // Edge cases first, then a long pseudo-random mix.
@@ -152,9 +169,37 @@ fn rust_and_c_register_guests_agree() {
         "get fresh",
         "del fresh",
         "del fresh",
+        // i64 edges and number syntax (the JavaScript guest parses with BigInt).
+        "incr big 9223372036854775807",
+        "incr big 1",
+        "incr neg -9223372036854775808",
+        "incr neg -1",
+        "incr neg 9223372036854775808",
+        "incr p +5",
+        "incr p 007",
+        "incr p -",
+        "incr p +",
+        "incr p 1e3",
+        "set sp  x",
+        "set x y z",
+        "cas x - y",
+        "cas x - z",
     ] {
         h.apply(cmd);
     }
+    for q in ["list a b", "count x", "nope", "get", ""] {
+        let out = h.all(Kind::Query, q);
+        assert!(!out.success(), "{q:?}: {out:?}");
+    }
+    // Bytes that are not UTF-8 (a stray continuation, overlong, a surrogate, truncated,
+    // above U+10FFFF) are refused alike; valid multi-byte text is not.
+    for bad in [&b"\xff"[..], b"set a \xc0\xaf", b"set a \xed\xa0\x80", b"set a \xe2\x82", b"set a \xf4\x90\x80\x80"] {
+        let answers: Vec<_> = [RS, C, JS].iter().map(|m| raw_call(&c, m, bad)).collect();
+        assert!(answers.iter().all(|a| a == &answers[0]), "{bad:?}: {answers:?}");
+        assert!(answers[0].1.contains("invalid UTF-8") && answers[0].0 == Some(1), "{bad:?}: {answers:?}");
+    }
+    h.apply("set \u{e9}t\u{e9} \u{1f600}");
+    h.query_get("\u{e9}t\u{e9}");
     h.query_get("a");
     h.query_get("fresh");
 
@@ -185,11 +230,11 @@ fn rust_and_c_register_guests_agree() {
 
     for prefix in ["", "a", "ab", "zzz"] {
         let q = if prefix.is_empty() { "list".to_string() } else { format!("list {prefix}") };
-        let out = h.both(Kind::Query, &q);
+        let out = h.all(Kind::Query, &q);
         let got: Vec<&str> = out.ok().lines().filter(|l| !l.is_empty()).collect();
         assert_eq!(got, h.expected_list(prefix), "{q}: {out:?}");
     }
-    let out = h.both(Kind::Query, "count");
+    let out = h.all(Kind::Query, "count");
     assert_eq!(out.ok(), h.model.len().to_string());
     assert!(h.model.len() >= 3, "final state too small to be meaningful: {:?}", h.model);
 
@@ -197,4 +242,17 @@ fn rust_and_c_register_guests_agree() {
     // module identity into them, or the guests may encode values differently).
     let hash = c.hash(0).expect("hash");
     eprintln!("machine hashes: {:?}", hash.machines);
+}
+
+/// `raftvm call MACHINE <bytes>` on node 0 with a payload that need not be UTF-8: the exit
+/// code and stderr.
+fn raw_call(c: &Cluster, machine: &str, payload: &[u8]) -> (Option<i32>, String) {
+    let out = Command::new(raftvm_bin())
+        .arg("call")
+        .arg(machine)
+        .arg(OsStr::from_bytes(payload))
+        .args(["--endpoints", &c.endpoint(0), "--command-timeout", "15s"])
+        .output()
+        .expect("running raftvm");
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
