@@ -109,6 +109,11 @@ build_js() { # DIR NAME
     (cd "$build" && npm ci --silent --no-audit --no-fund >&2)
   fi
   main=$(cd "$dir" && node -p 'require("./package.json").main')
+  if [ -f "$dir/check.mjs" ]; then
+    # Replays register-rust's transcript against the source under Node (a second),
+    # events included, as `make check` does for register-c.
+    node "$dir/check.mjs" "$root/guest-examples/register-rust/tests/transcript.txt" >&2
+  fi
   if [ -f "$out/$name.wasm" ] && [ -z "$(find "$dir/$main" "$dir/package-lock.json" "$root/wit" -newer "$out/$name.wasm" -print -quit)" ]; then
     say "$name (JavaScript) is up to date"
   else
