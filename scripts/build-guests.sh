@@ -106,7 +106,11 @@ build_js() { # DIR NAME
   if ! cmp -s "$dir/package-lock.json" "$build/package-lock.json" || [ ! -d "$build/node_modules" ]; then
     say "installing $name's npm packages into $build"
     cp "$dir/package.json" "$dir/package-lock.json" "$build/"
-    (cd "$build" && npm ci --silent --no-audit --no-fund >&2)
+    if ! (cd "$build" && npm ci --silent --no-audit --no-fund >&2); then
+      rm -f "$build/package-lock.json" # so the next run installs again
+      say "$name: npm ci failed"
+      return 1
+    fi
   fi
   main=$(cd "$dir" && node -p 'require("./package.json").main')
   if [ -f "$dir/check.mjs" ]; then
