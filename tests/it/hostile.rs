@@ -69,6 +69,32 @@ fn hostile_guest_cannot_break_the_cluster() {
     }
 }
 
+/// A guest's memory is hidden state: here a global count of the calls its instance
+/// served, written to the store. A replica that restarted has a younger instance than
+/// the others, so unless every replica runs each log entry on an instance created for
+/// it, the stored counts (and the replica hashes) differ.
+#[test]
+fn hidden_guest_state_cannot_make_replicas_diverge() {
+    let file = guest("hostile");
+    let c = Cluster::start(3);
+    c.install_everywhere(0, H, &file);
+    let leader = c.leader();
+    let follower = (leader + 1) % 3;
+    for i in 0..5 {
+        c.call(leader, H, &format!("set k{i} v")).ok();
+    }
+    c.assert_converged(Duration::from_secs(30));
+    c.stop(follower);
+    c.restart(follower);
+    c.call(leader, H, "set after-restart v").ok();
+    let stashed = c.call(leader, H, "stash count");
+    c.assert_converged(Duration::from_secs(30));
+    assert_eq!(stashed.ok(), "1", "the entry's instance served calls before it: {stashed:?}");
+    for i in 0..3 {
+        assert_eq!(c.query_serializable(i, H, "get count").ok(), "1", "node {}", c.node(i).name);
+    }
+}
+
 /// Test 4b: `module install` refuses invalid modules without proposing them;
 /// a minimal valid hand-written component (the control case) is accepted.
 #[test]

@@ -17,8 +17,11 @@
 //!                             arithmetic on NaNs with a payload (canonical NaNs
 //!                             are 7fc00000 / 7ff8000000000000)
 //! apply calls                 how many apply calls this instance has served
-//!                             (a global, so it restarts at 1 whenever the host
-//!                             re-instantiates: NOT deterministic, tests only)
+//!                             (a global: hidden state, which the host confines
+//!                             to one log entry; see `stash`)
+//! apply stash KEY             stores that count under KEY: hidden state written
+//!                             to the store. Replicas agree only if every one
+//!                             runs the entry on an instance with the same past
 //! query get KEY               the value, or err("not found: KEY")
 //! query loop | trap | bomb    as for apply
 //! query write KEY             store.set during a query (the host must trap it)
@@ -110,6 +113,10 @@ impl Guest for Hostile {
             ["get", key] => get(key),
             ["nan"] => Ok(nan_bits().into_bytes()),
             ["calls"] => Ok(calls.to_string().into_bytes()),
+            ["stash", key] => {
+                store::set(key.as_bytes(), calls.to_string().as_bytes());
+                Ok(calls.to_string().into_bytes())
+            }
             [verb, ..] => Err(format!("unknown command: {verb}")),
             [] => unreachable!(),
         }

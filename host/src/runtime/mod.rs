@@ -11,9 +11,25 @@
 //! - NaN canonicalisation, deterministic relaxed SIMD, no threads, a fixed max stack;
 //! - no ambient imports: the linker only has the `raftvm:machine` interfaces.
 //!
-//! Instances stay warm: one per machine for `apply` (commands are serial) and a small pool
-//! for queries. An instance that trapped is dropped and re-created on next use, so guests
-//! must keep all state in the store.
+//! Instances: one per machine and log entry for `apply` (an entry's commands and callbacks
+//! run on it in order), and a small pool of warm ones for queries. A guest's linear memory
+//! is state the store does not hold: allocator state, globals, caches. If an applier
+//! outlived its entry, a replica that restarted or installed a snapshot would run the
+//! next entry on a younger instance than the others, and anything that depends on that
+//! memory (a global written to the store, the fuel an allocation costs, where the memory
+//! cap is hit) could differ between replicas. An instance created for each entry gives
+//! every replica the same memory at the start of every entry.
+//!
+//! The one exception is the built-in kv module (this build's `DEFAULT_KV_MODULE`,
+//! recognised by its sha256), whose applier stays warm across entries: our code, which
+//! keeps nothing in memory between commands that is not a function of the store, and whose
+//! puts a fresh instance per entry slowed by ~20% at 1 and 16 clients (measured; the
+//! pooling allocator did not help). What remains for it is the edge: a command that ends
+//! close to its fuel budget (10G) or its memory cap (1 GiB) could get another verdict on a
+//! replica whose instance is younger, since the allocator's work and layout differ.
+//!
+//! An instance that trapped is dropped at once; a query instance may be re-created at any
+//! time.
 
 mod host;
 
@@ -101,6 +117,8 @@ pub struct HostFault(pub anyhow::Error);
 struct Warm {
     store: Store<HostState>,
     bindings: StateMachine,
+    /// The log entry an applier instance was created for (unused for query instances).
+    entry: u64,
 }
 
 /// A loaded machine: its record, its pre-linked component and warm instances.
@@ -108,6 +126,9 @@ pub struct Machine {
     pub record: ModuleRecord,
     pre: StateMachinePre<HostState>,
     applier: Mutex<Option<Warm>>,
+    /// A fresh applier for every log entry (every module but the built-in kv one; see the
+    /// module doc).
+    per_entry: bool,
     readers: Mutex<Vec<Warm>>,
     /// Set when one of its commands burned more than [`QUICK_APPLY_FUEL`] or made more
     /// than [`QUICK_APPLY_READS`] host reads; cleared after [`QUICK_APPLY_STREAK`] light
@@ -236,10 +257,12 @@ impl Runtime {
     pub fn load(&self, record: ModuleRecord, component: &[u8]) -> Result<()> {
         let compiled = self.compile(component)?;
         let pre = self.link(&compiled).map_err(anyhow::Error::msg)?;
+        let per_entry = record.sha256 != *builtin_kv_sha256();
         let m = Arc::new(Machine {
             record,
             pre,
             applier: Mutex::new(None),
+            per_entry,
             readers: Mutex::new(Vec::new()),
             slow: AtomicBool::new(false),
             light_streak: AtomicU32::new(0),
@@ -312,7 +335,7 @@ impl Runtime {
         match m.pre.instantiate(&mut store) {
             Ok(bindings) => {
                 store.data_mut().set_baseline();
-                Ok(Warm { store, bindings })
+                Ok(Warm { store, bindings, entry: 0 })
             }
             Err(e) => Err(classify(&store, e)),
         }
@@ -331,7 +354,7 @@ impl Runtime {
         let Some(m) = self.machine(name) else {
             return Ok(Err(ApplyError::new(ApplyErrorKind::NoSuchMachine, format!("machine {name:?} is not installed"))));
         };
-        self.run_transaction(&m, db, batch, |w| w.bindings.call_apply(&mut w.store, ctx.into(), command))
+        self.run_transaction(&m, db, batch, ctx.index, |w| w.bindings.call_apply(&mut w.store, ctx.into(), command))
     }
 
     /// Run `on-lease-revoked` of machine `name`, transactional like `apply`.
@@ -347,27 +370,33 @@ impl Runtime {
         let Some(m) = self.machine(name) else {
             return Ok(Ok(Effects::default()));
         };
-        let r = self.run_transaction(&m, db, batch, |w| {
+        let r = self.run_transaction(&m, db, batch, ctx.index, |w| {
             w.bindings.call_on_lease_revoked(&mut w.store, ctx.into(), lease, keys).map(|r| r.map(|()| Vec::new()))
         })?;
         Ok(r.map(|(_, e)| e))
     }
 
+    /// Run one call of log entry `entry` on the machine's applier instance for that entry
+    /// (see the module doc: a new entry gets a new instance, on every replica alike,
+    /// unless the machine is the built-in kv one).
     fn run_transaction(
         &self,
         m: &Machine,
         db: &Arc<StateDb>,
         batch: &mut Overlay,
+        entry: u64,
         call: impl FnOnce(&mut Warm) -> wasmtime::Result<Result<Vec<u8>, String>>,
     ) -> Result<Result<(Vec<u8>, Effects), ApplyError>, HostFault> {
         let mut slot = m.applier.lock().expect("poisoned");
-        if slot.as_ref().is_some_and(|w| !Arc::ptr_eq(w.store.data().db(), db)) {
-            *slot = None; // the state was swapped (snapshot install): start clean
+        // An earlier entry's instance, or one of a state that was swapped since (a
+        // snapshot install): start clean.
+        if slot.as_ref().is_some_and(|w| (m.per_entry && w.entry != entry) || !Arc::ptr_eq(w.store.data().db(), db)) {
+            *slot = None;
         }
         let mut warm = match slot.take() {
             Some(w) => w,
             None => match self.instantiate(m, db.clone()) {
-                Ok(w) => w,
+                Ok(w) => Warm { entry, ..w },
                 Err(e) => return Ok(Err(e)),
             },
         };
@@ -494,6 +523,12 @@ const QUICK_FUEL_PER_READ: u64 = 250;
 
 fn is_out_of_slice(store: &Store<HostState>, e: &wasmtime::Error) -> bool {
     store.data().over_read_budget() || matches!(e.downcast_ref::<wasmtime::Trap>(), Some(wasmtime::Trap::OutOfFuel))
+}
+
+/// The sha256 of this build's built-in kv component (see the module doc).
+fn builtin_kv_sha256() -> &'static String {
+    static SHA: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SHA.get_or_init(|| sha256_hex(crate::server::DEFAULT_KV_MODULE))
 }
 
 /// `warm`, unless its linear memory grew by more than [`KEEP_WARM_MEMORY`]. The choice
