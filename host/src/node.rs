@@ -589,7 +589,7 @@ impl PeerService {
                 let rpc: openraft::raft::VoteRequest<NodeId> = decode(&data).map_err(bad_blob)?;
                 let candidate_last = rpc.last_log_id.map_or(0, |l| l.index);
                 if self.node.removed_from_config(rpc.vote.leader_id().voted_for(), candidate_last) {
-                    return Err(tonic::Status::failed_precondition(crate::raft::network::ERR_MEMBER_REMOVED));
+                    return Err(crate::raft::network::member_removed());
                 }
                 Ok(encode(&self.node.raft.vote(rpc).await))
             }
@@ -672,7 +672,7 @@ impl RaftPeer for PeerService {
     ) -> Result<tonic::Response<MemberCheckReply>, tonic::Status> {
         let req = req.into_inner();
         if self.node.removed_from_config(Some(req.member_id), req.last_log_index) {
-            return Err(tonic::Status::failed_precondition(crate::raft::network::ERR_MEMBER_REMOVED));
+            return Err(crate::raft::network::member_removed());
         }
         Ok(tonic::Response::new(MemberCheckReply {}))
     }

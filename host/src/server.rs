@@ -371,7 +371,7 @@ async fn ask_while_learner(node: Arc<Node>, told: Arc<watch::Sender<bool>>, ever
             let mut req = tonic::Request::new(crate::proto::peer::MemberCheckRequest { member_id: node.id, last_log_index });
             req.set_timeout(every);
             if let Err(s) = link.client().member_check(req).await {
-                if s.code() == tonic::Code::FailedPrecondition && s.message() == crate::raft::network::ERR_MEMBER_REMOVED {
+                if crate::raft::network::is_member_removed(&s) {
                     told.send_replace(true);
                     return;
                 }

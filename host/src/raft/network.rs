@@ -60,6 +60,16 @@ pub fn peer_link(url: &str) -> anyhow::Result<Arc<PeerLink>> {
 /// removed it, since the leader stops replicating to it).
 pub const ERR_MEMBER_REMOVED: &str = "raftvm: the member has been permanently removed from the cluster";
 
+/// How a member tells a caller that the caller was removed (see [`ERR_MEMBER_REMOVED`]).
+pub fn member_removed() -> tonic::Status {
+    tonic::Status::failed_precondition(ERR_MEMBER_REMOVED)
+}
+
+/// Whether a peer's answer is [`member_removed`].
+pub fn is_member_removed(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::FailedPrecondition && status.message() == ERR_MEMBER_REMOVED
+}
+
 #[derive(Clone)]
 pub struct Network {
     /// Set when a peer answers [`ERR_MEMBER_REMOVED`] (see `server::leave_when_removed`).
@@ -125,7 +135,7 @@ impl PeerConn {
         let data = match reply {
             Ok(d) => d,
             Err(status) => {
-                if status.code() == tonic::Code::FailedPrecondition && status.message() == ERR_MEMBER_REMOVED {
+                if is_member_removed(&status) {
                     self.removed.send_replace(true);
                 }
                 let err = AnyError::error(format!("{which:?} to node {:x}: {status}", self.target));
