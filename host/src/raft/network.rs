@@ -7,7 +7,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
@@ -21,8 +23,19 @@ use crate::proto::peer::Blob;
 use crate::raft::link::{CallKind, PeerLink};
 use crate::types::{decode, encode, Member, NodeId, TypeConfig};
 
-/// Largest gRPC message between peers: module installs (16 MiB) and snapshot chunks fit.
+/// Largest gRPC message between peers: a module install (up to 32 MiB) and snapshot
+/// chunks fit.
 pub const MAX_PEER_MESSAGE: usize = 64 * 1024 * 1024;
+/// Most bytes of entries one AppendEntries carries, unless a single entry is larger on its
+/// own (a module install). openraft counts entries, not bytes, and gives every
+/// AppendEntries one heartbeat interval (100 ms by default) before it cancels and sends
+/// the same entries again: a follower that missed a few module installs would otherwise
+/// be sent all of them in one call, too large to arrive within that time, on every retry
+/// (and over MAX_PEER_MESSAGE). Commands are at most `--max-request-bytes` each, and
+/// batches of them about 1 MiB, so ordinary replication never comes near this.
+const APPEND_BUDGET: usize = 8 * 1024 * 1024;
+// An AppendEntries carrying the largest install alone fits in a peer message.
+const _: () = assert!(crate::runtime::MAX_MODULE_BYTES + 64 * 1024 < MAX_PEER_MESSAGE);
 
 pub fn peer_client(url: &str) -> anyhow::Result<RaftPeerClient<Channel>> {
     let ch = Endpoint::from_shared(url.to_string())?
@@ -117,11 +130,18 @@ impl PeerConn {
         Resp: for<'a> serde::Deserialize<'a>,
         E: std::error::Error + for<'a> serde::Deserialize<'a>,
     {
+        self.call_encoded(which, encode(req), option).await
+    }
+
+    async fn call_encoded<Resp, E>(&mut self, which: Which, data: Vec<u8>, option: &RPCOption) -> Result<Resp, RpcErr<E>>
+    where
+        Resp: for<'a> serde::Deserialize<'a>,
+        E: std::error::Error + for<'a> serde::Deserialize<'a>,
+    {
         let link = match &self.link {
             Ok(l) => l,
             Err(e) => return Err(RPCError::Unreachable(Unreachable::new(&AnyError::error(e.clone())))),
         };
-        let data = encode(req);
         let reply = match which {
             Which::Append => link.call(CallKind::AppendEntries, data, option.hard_ttl()).await,
             Which::Vote => link.call(CallKind::Vote, data, option.hard_ttl()).await,
@@ -159,7 +179,13 @@ impl RaftNetwork<TypeConfig> for PeerConn {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
-        self.call(Which::Append, &rpc, &option).await
+        let data = encode(&rpc);
+        if data.len() > APPEND_BUDGET && rpc.entries.len() > 1 {
+            // Ask openraft for fewer entries per call (see APPEND_BUDGET); one entry alone
+            // always goes.
+            return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(entries_that_fit(&rpc.entries))));
+        }
+        self.call_encoded(Which::Append, data, &option).await
     }
 
     async fn install_snapshot(
@@ -172,5 +198,50 @@ impl RaftNetwork<TypeConfig> for PeerConn {
 
     async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> Result<VoteResponse<NodeId>, RpcErr> {
         self.call(Which::Vote, &rpc, &option).await
+    }
+}
+
+/// How many of `entries`, from the first, fit in [`APPEND_BUDGET`] (at least one).
+fn entries_that_fit(entries: &[crate::types::Entry]) -> u64 {
+    let mut size = 0;
+    let fit = entries
+        .iter()
+        .take_while(|e| {
+            size += encode(e).len();
+            size <= APPEND_BUDGET
+        })
+        .count();
+    fit.max(1) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::{Entry, LogId, Request};
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    fn install(index: u64, bytes: usize) -> Entry {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Request::InstallModule {
+                name: format!("m{index}"),
+                wasm: vec![7; bytes],
+                fuel: 1,
+                memory_bytes: 1,
+            }),
+        }
+    }
+
+    #[test]
+    fn large_entries_are_split_across_append_entries() {
+        let mib = 1024 * 1024;
+        // Module installs go one per call; the commands before one go ahead of it.
+        let big: Vec<Entry> = (1..=3).map(|i| install(i, 30 * mib)).collect();
+        assert_eq!(entries_that_fit(&big), 1);
+        let mixed: Vec<Entry> = (1..=3).map(|i| install(i, 1000)).chain([install(4, 3 * mib), install(5, 6 * mib)]).collect();
+        assert_eq!(entries_that_fit(&mixed), 4);
+        // 32 batches of 200 KiB: one call.
+        let small: Vec<Entry> = (1..=32).map(|i| install(i, 200 * 1024)).collect();
+        assert_eq!(entries_that_fit(&small), 32);
     }
 }
