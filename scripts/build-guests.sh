@@ -8,7 +8,9 @@
 # guest; one with a Makefile (and no Cargo.toml) is a C guest built with
 # `make wasm check` (see guest-examples/register-c/README.md); one with a
 # package.json is a JavaScript guest built with componentize-js (see
-# guest-examples/register-js/README.md).
+# guest-examples/register-js/README.md); one with a requirements.txt is a Python
+# guest (module app.py) built with componentize-py (see
+# guest-examples/register-py/README.md).
 #
 # Installs what it needs if missing (Debian: rustc-web rust-web-src lld-16
 # clang-16 make; wit-bindgen-cli into the cache), so it runs unattended from a
@@ -17,6 +19,7 @@
 #   guest-wasm/   the guests' shared cargo target dir (RAFTVM_GUEST_TARGET)
 #   tools/        wit-bindgen-cli (RAFTVM_TOOLS)
 #   guest-wasm/js/NAME/  a JavaScript guest's npm packages (from its lock file)
+#   guest-wasm/py/NAME/  a Python guest's build tool (from its requirements.txt)
 # See docs/guest-abi.md for the why of each step.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -130,6 +133,48 @@ build_js() { # DIR NAME
   produced+=("$out/$name.wasm")
 }
 
+# ---- Python guests (requirements.txt, module app.py) ---------------------------
+
+build_py() { # DIR NAME
+  local dir=$1 name=$2 build=$guest_target/py/$2 pip_args
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    say "installing python3-pip"
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo -n"
+    $SUDO apt-get update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-pip >/dev/null
+  fi
+  # componentize-py (CPython for wasm32 inside, ~50 MB) goes into the cache, as
+  # requirements.txt pins it, again only when that file changes. --target needs no
+  # venv and leaves the system's packages alone.
+  if ! cmp -s "$dir/requirements.txt" "$build/requirements.txt"; then
+    say "installing $name's build tool into $build"
+    rm -rf "$build" && mkdir -p "$build"
+    pip_args=(--quiet --disable-pip-version-check --no-warn-script-location --root-user-action=ignore --target "$build/lib" -r "$dir/requirements.txt")
+    if ! python3 -m pip install "${pip_args[@]}" >&2 2>/dev/null && ! python3 -m pip install --break-system-packages "${pip_args[@]}" >&2; then
+      say "$name: pip install failed"
+      return 1
+    fi
+    cp "$dir/requirements.txt" "$build/"
+  fi
+  if [ -f "$dir/check.py" ]; then
+    # Replays register-rust's transcript against the source under CPython (a
+    # second), events included, as check.mjs does for register-js.
+    python3 "$dir/check.py" "$root/guest-examples/register-rust/tests/transcript.txt" >&2
+  fi
+  if [ -f "$out/$name.wasm" ] && [ -z "$(find "$dir" "$root/wit" -newer "$out/$name.wasm" \( -name '*.py' -o -name '*.wit' -o -name requirements.txt \) -print -quit)" ]; then
+    say "$name (Python) is up to date"
+  else
+    say "building $name (Python)"
+    # --stub-wasi: every WASI import becomes a trap inside the component, which then
+    # imports raftvm's world only: a clock, a file or print traps; `random` runs
+    # from a seed fixed at build time.
+    (cd "$dir" && PYTHONPATH="$build/lib" python3 -c 'import sys; from componentize_py import script; sys.argv[0] = "componentize-py"; sys.exit(script())' \
+      -d "$root/wit" -w state-machine componentize --stub-wasi -p "$dir" app -o "$out/$name.wasm" >&2)
+  fi
+  "$componentize" --check "$out/$name.wasm" >/dev/null
+  produced+=("$out/$name.wasm")
+}
+
 # ---- Rust guests ------------------------------------------------------------
 
 build_rust() { # DIR NAME
@@ -185,13 +230,15 @@ for dir in guest-examples/*/; do
     build_c "$root/$dir" "$name"
   elif [ -f "$dir/package.json" ]; then
     build_js "$root/$dir" "$name"
+  elif [ -f "$dir/requirements.txt" ]; then
+    build_py "$root/$dir" "$name"
   else
-    say "skipping $dir (no Cargo.toml, Makefile or package.json)"
+    say "skipping $dir (no Cargo.toml, Makefile, package.json or requirements.txt)"
   fi
 done
 
 # The register machines must expose the same interface.
-for other in register-c register-js; do
+for other in register-c register-js register-py; do
   if [ -f "$out/register-rust.wasm" ] && [ -f "$out/$other.wasm" ]; then
     "$componentize" --same-exports "$out/register-rust.wasm" "$out/$other.wasm" >/dev/null
   fi

@@ -1,6 +1,6 @@
-//! Test 5: the Rust, the C and the JavaScript register guests are interchangeable:
-//! the same commands give the same responses, error messages and exit codes, and the
-//! same final state.
+//! Test 5: the Rust, the C, the JavaScript and the Python register guests are
+//! interchangeable: the same commands give the same responses, error messages and exit
+//! codes, and the same final state.
 
 use std::collections::BTreeMap;
 
@@ -13,6 +13,7 @@ use raftvm_tests::{guest, raftvm_bin, Cluster, CmdOutput};
 const RS: &str = "reg-rust";
 const C: &str = "reg-c";
 const JS: &str = "reg-js";
+const PY: &str = "reg-py";
 const KEYS: &[&str] = &["a", "b", "ab", "abc", "x", "y"];
 
 /// Small deterministic PRNG (xorshift64*), so the sequence is the same every run.
@@ -45,7 +46,7 @@ struct Harness<'a> {
 }
 
 impl Harness<'_> {
-    /// Runs `payload` on the three machines, asserts identical exit code and stdout,
+    /// Runs `payload` on the four machines, asserts identical exit code and stdout,
     /// returns the Rust guest's output.
     #[track_caller]
     fn all(&mut self, kind: Kind, payload: &str) -> CmdOutput {
@@ -54,7 +55,7 @@ impl Harness<'_> {
             Kind::Query => self.c.query(0, m, payload),
         };
         let r = run(RS);
-        for (name, o) in [(C, run(C)), (JS, run(JS))] {
+        for (name, o) in [(C, run(C)), (JS, run(JS)), (PY, run(PY))] {
             assert!(r.code.is_some() && o.code.is_some(), "a command was killed:\n{r:?}\n{name}: {o:?}");
             assert_eq!(
                 (r.code, &r.stdout, &r.stderr),
@@ -140,14 +141,17 @@ impl Harness<'_> {
 }
 
 #[test]
-fn rust_c_and_js_register_guests_agree() {
-    let (rs, cg, js) = (guest("register-rust"), guest("register-c"), guest("register-js"));
+fn rust_c_js_and_python_register_guests_agree() {
+    let (rs, cg) = (guest("register-rust"), guest("register-c"));
     let c = Cluster::start(1);
     c.install_ok(0, RS, &rs);
     c.install_ok(0, C, &cg);
-    // 12 MB of SpiderMonkey to compile: more than the usual command timeout.
-    let out = c.install(0, JS, &js, &["--command-timeout=300s"]);
-    assert_eq!(out.ok(), format!("installed {JS} sha256={}", raftvm_tests::sha256_file(&js)), "{out:?}");
+    // 12 MB of SpiderMonkey and 18 MB of CPython to compile: more than the usual command
+    // timeout.
+    for (name, file) in [(JS, guest("register-js")), (PY, guest("register-py"))] {
+        let out = c.install(0, name, &file, &["--command-timeout=300s"]);
+        assert_eq!(out.ok(), format!("installed {name} sha256={}", raftvm_tests::sha256_file(&file)), "{out:?}");
+    }
     let mut h = Harness { c: &c, model: BTreeMap::new(), steps: 0, failures: 0 };
 
     // Edge cases first, then a long pseudo-random mix.
@@ -194,7 +198,7 @@ fn rust_c_and_js_register_guests_agree() {
     // Bytes that are not UTF-8 (a stray continuation, overlong, a surrogate, truncated,
     // above U+10FFFF) are refused alike; valid multi-byte text is not.
     for bad in [&b"\xff"[..], b"set a \xc0\xaf", b"set a \xed\xa0\x80", b"set a \xe2\x82", b"set a \xf4\x90\x80\x80"] {
-        let answers: Vec<_> = [RS, C, JS].iter().map(|m| raw_call(&c, m, bad)).collect();
+        let answers: Vec<_> = [RS, C, JS, PY].iter().map(|m| raw_call(&c, m, bad)).collect();
         assert!(answers.iter().all(|a| a == &answers[0]), "{bad:?}: {answers:?}");
         assert!(answers[0].1.contains("invalid UTF-8") && answers[0].0 == Some(1), "{bad:?}: {answers:?}");
     }

@@ -11,7 +11,8 @@
 //! componentize --print-wit FILE.wasm
 //!     Print the WIT world of a component.
 //! componentize --same-exports A.wasm B.wasm
-//!     Check that two components export exactly the same functions.
+//!     Check that two components export exactly the same functions (ignoring
+//!     componentize-py's build-time `exports` interface).
 //! ```
 //!
 //! The world is `wit/machine.wit`, compiled into this binary; `--wit PATH`
@@ -277,6 +278,10 @@ fn export_signatures(bytes: &[u8]) -> Result<BTreeSet<String>> {
                         .to_string(),
                 );
             }
+            // componentize-py leaves its build-time hook in every Python component, an
+            // `exports` interface with `init` (run once by its pre-initializer, never by
+            // a host): not part of what the host sees, so not compared.
+            (WorldKey::Name(name), WorldItem::Interface { .. }) if name == "exports" => {}
             (key, _) => {
                 out.insert(resolve.name_world_key(key));
             }
