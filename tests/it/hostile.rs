@@ -125,6 +125,8 @@ fn invalid_modules_are_refused_at_install() {
         assert!(matches!(out.code, Some(code) if code != 0), "invalid module {name} was accepted: {out:?}");
         assert!(!out.stderr.trim().is_empty(), "refusal of {name} has no message: {out:?}");
         assert!(contains_any_ci(&out.stderr, &[cause]), "refusal of {name} should mention {cause:?}: {out:?}");
+        // A WASI import is a toolchain's default: the refusal says how to build without.
+        assert_eq!(*name == "wasi-import", out.stderr.contains("--stub-wasi"), "{name}: {out:?}");
         assert!(!out.stdout.contains("installed"), "{out:?}");
         eprintln!("{name}: refused: {}", out.stderr.trim());
         let q = c.call(1, name, "anything");

@@ -223,10 +223,18 @@ impl Runtime {
     }
 
     fn link(&self, component: &Component) -> Result<StateMachinePre<HostState>, String> {
-        let pre = self
-            .linker
-            .instantiate_pre(component)
-            .map_err(|e| format!("module imports something outside the raftvm:machine world: {e}"))?;
+        let pre = self.linker.instantiate_pre(component).map_err(|e| {
+            let e = e.to_string();
+            // The usual cause: a toolchain's default build, which imports WASI.
+            let hint = if e.contains("`wasi:") {
+                " (state machines get no WASI, which would give replicas clocks, randomness and files of \
+                 their own: build with componentize-py --stub-wasi, componentize-js --disable stdio random \
+                 clocks http fetch-event, or for wasm32-unknown-unknown; see docs/guest-abi.md)"
+            } else {
+                ""
+            };
+            format!("module imports something outside the raftvm:machine world: {e}{hint}")
+        })?;
         StateMachinePre::new(pre)
             .map_err(|e| format!("module does not implement the raftvm:machine/state-machine world: {e}"))
     }
