@@ -418,6 +418,31 @@ impl Node {
     }
 
     /// Replicate `req` and return what applying it produced (and its log index).
+    /// Have every other member compile `component` into its cache before it is proposed
+    /// (`RaftPeer.Precompile`), each within `timeout`. Best effort: a member that is down,
+    /// slow or older compiles when it applies the install, as before. Returns how many
+    /// members answered that the component is compiled.
+    pub async fn precompile_on_peers(&self, component: &[u8], timeout: Duration) -> usize {
+        let peers: Vec<String> = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            m.membership_config.membership().nodes().filter(|(id, _)| **id != self.id).map(|(_, n)| n.peer_url.clone()).collect()
+        };
+        let calls = peers.into_iter().map(|url| async move {
+            let link = crate::raft::network::peer_link(&url).ok()?;
+            let mut req = tonic::Request::new(Blob { data: component.to_vec() });
+            req.set_timeout(timeout);
+            match link.client().precompile(req).await {
+                Ok(_) => Some(()),
+                Err(s) => {
+                    tracing::debug!(peer = %url, "precompile: {s}");
+                    None
+                }
+            }
+        });
+        futures::future::join_all(calls).await.into_iter().flatten().count()
+    }
+
     pub async fn propose(&self, req: Request) -> Result<(Response, u64), NodeError> {
         let _in_flight = InFlight::new(&self.shared.commands_in_flight, 1);
         let deadline = Instant::now() + self.request_timeout;
@@ -666,6 +691,19 @@ impl RaftPeer for PeerService {
     /// A learner asking whether it is still a member (see `server::ask_while_learner`): a
     /// member whose committed configuration removed it answers as to a removed voter's
     /// vote request.
+    async fn precompile(&self, req: tonic::Request<Blob>) -> Result<tonic::Response<Blob>, tonic::Status> {
+        let component = req.into_inner().data;
+        if component.len() > crate::runtime::MAX_MODULE_BYTES {
+            return Err(tonic::Status::invalid_argument("module over the size limit"));
+        }
+        let shared = self.node.shared.clone();
+        tokio::task::spawn_blocking(move || shared.runtime.precompile(&component))
+            .await
+            .map_err(|e| tonic::Status::internal(e.to_string()))?
+            .map_err(|e| tonic::Status::invalid_argument(format!("{e:#}")))?;
+        Ok(tonic::Response::new(Blob::default()))
+    }
+
     async fn member_check(
         &self,
         req: tonic::Request<MemberCheckRequest>,

@@ -1,6 +1,7 @@
 //! Module lifecycle: an upgrade takes effect in log order on every node and keeps the
 //! machine's data; modules over the size limit are refused before anything is proposed;
-//! modules near the limit still reach a follower that missed several of them.
+//! modules near the limit still reach a follower that missed several of them; every
+//! member has compiled a module before its install is proposed.
 
 use std::time::Duration;
 
@@ -107,4 +108,38 @@ fn large_modules_reach_a_follower_that_missed_them() {
         if out.success() && out.out() == "1" { Ok(()) } else { Err(format!("{out:?}")) }
     });
     c.assert_converged(Duration::from_secs(30));
+}
+
+/// A member compiles a module when it applies the install unless it has it compiled
+/// already, and nothing else applies meanwhile: seconds for a Python guest. The member
+/// that takes the install has every other member compile it first.
+#[test]
+fn every_member_compiles_a_module_before_its_install_is_proposed() {
+    let file = guest("register-py");
+    let sha = raftvm_tests::sha256_file(&file);
+    let c = Cluster::start(3);
+    let leader = c.leader();
+    let via = (0..3).find(|&i| i != leader).expect("a follower");
+    let out = c.install(via, "py", &file, &["--command-timeout=300s"]);
+    assert_eq!(out.ok(), format!("installed py sha256={sha}"), "{out:?}");
+    // Right when the install returns (applied on the member that took it): every member
+    // has the compiled artifact in its cache.
+    for i in 0..3 {
+        let cache = c.node(i).data_dir.join("cache");
+        let names: Vec<String> = std::fs::read_dir(&cache)
+            .unwrap_or_else(|e| panic!("{}: {e}", cache.display()))
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            names.iter().any(|n| n.starts_with(&sha) && n.ends_with(".cwasm")),
+            "{} has not compiled the module: {names:?}",
+            c.node(i).name
+        );
+    }
+    for i in 0..3 {
+        poll_until(Duration::from_secs(30), "every member to run the module", || {
+            let out = c.query_serializable(i, "py", "count");
+            if out.success() && out.out() == "0" { Ok(()) } else { Err(format!("{out:?}")) }
+        });
+    }
 }

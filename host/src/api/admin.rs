@@ -17,6 +17,10 @@ pub struct AdminService {
 
 /// Ceiling on what an install may ask for, so one module cannot take a node's memory.
 const MAX_MEMORY_BYTES: u64 = 4 * 1024 * 1024 * 1024;
+/// How long the receiving member waits for the others to compile a module before it
+/// proposes the install anyway (register-py, 18 MB of CPython, takes ~5.5 s on its own on
+/// a 2-core machine, longer while others compile too).
+const PRECOMPILE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn unexpected(r: Response) -> Status {
     Status::internal(format!("unexpected apply result {r:?}"))
@@ -38,6 +42,11 @@ impl Admin for AdminService {
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| Status::invalid_argument(format!("invalid module: {e}")))?;
+        // Every other member compiles it now, in parallel, rather than when it applies the
+        // install: there a compile (seconds for a JavaScript or Python guest) would hold up
+        // every later entry of every machine on that member.
+        let ready = self.node.precompile_on_peers(&wasm, PRECOMPILE_TIMEOUT).await;
+        tracing::debug!(name = %r.name, members = ready, "module compiled on other members");
         let (resp, index) = self
             .node
             .propose(Request::InstallModule { name: r.name, wasm, fuel, memory_bytes })

@@ -313,6 +313,9 @@ mod tests {
         async fn member_check(&self, _r: Request<MemberCheckRequest>) -> Result<Response<MemberCheckReply>, Status> {
             Err(Status::unimplemented("member check"))
         }
+        async fn precompile(&self, _r: Request<Blob>) -> Result<Response<Blob>, Status> {
+            Err(Status::unimplemented("precompile"))
+        }
         type CallsStream = UnboundedReceiverStream<Result<Frame, Status>>;
         async fn calls(&self, r: Request<Streaming<Frame>>) -> Result<Response<Self::CallsStream>, Status> {
             if !self.stream {

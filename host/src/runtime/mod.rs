@@ -239,6 +239,12 @@ impl Runtime {
             .map_err(|e| format!("module does not implement the raftvm:machine/state-machine world: {e}"))
     }
 
+    /// Compile `component` into the on-disk cache (a no-op if it is there), so that
+    /// loading it later is cheap; see `Node::precompile_on_peers`.
+    pub fn precompile(&self, component: &[u8]) -> Result<()> {
+        self.compile(component).map(drop)
+    }
+
     /// Compile (or load from the on-disk cache) a component.
     fn compile(&self, component: &[u8]) -> Result<Component> {
         let sha = sha256_hex(component);
