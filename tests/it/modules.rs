@@ -36,6 +36,21 @@ fn upgrade_swaps_code_in_log_order_and_keeps_data() {
     assert!(out.err().to_lowercase().contains("trap"), "{out:?}");
     assert_eq!(c.query(1, "m", "get a").ok(), "42", "the failed commands changed nothing");
     c.assert_converged(Duration::from_secs(20));
+
+    // A restart prunes the compile cache: the old code's artifact goes, the new one stays.
+    let cache = c.node(1).data_dir.join("cache");
+    let artifacts = || -> Vec<String> {
+        std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()
+    };
+    assert!(artifacts().iter().any(|n| n.starts_with(&sha1)), "{:?}", artifacts());
+    c.stop(1);
+    c.restart(1);
+    poll_until(Duration::from_secs(30), "the restarted member to prune its cache", || {
+        let names = artifacts();
+        if !names.iter().any(|n| n.starts_with(&sha1)) { Ok(()) } else { Err(format!("{names:?}")) }
+    });
+    assert!(artifacts().iter().any(|n| n.starts_with(&sha2)), "{:?}", artifacts());
+    assert_eq!(c.query(1, "m", "get a").ok(), "42");
 }
 
 #[test]

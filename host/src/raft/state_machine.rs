@@ -131,6 +131,12 @@ impl StateMachineStore {
         let db = Arc::new(StateDb::open(&root.join(&current))?);
         let runtime = Arc::new(Runtime::new(&data_dir.join("cache"))?);
         runtime.sync_with(&db).context("loading installed machines")?;
+        let installed = db.modules().context("listing installed machines")?;
+        match runtime.prune_cache(installed.iter().map(|m| m.sha256.as_str())) {
+            Ok((0, _)) => {}
+            Ok((files, bytes)) => tracing::info!(files, bytes, "removed compiled modules no machine uses"),
+            Err(e) => tracing::warn!("pruning the module cache: {e:#}"),
+        }
         let leases = Lessor::default();
         leases.reset(&list_leases(&db).context("loading leases")?);
         let (events, _) = broadcast::channel(4096);

@@ -245,6 +245,28 @@ impl Runtime {
         self.compile(component).map(drop)
     }
 
+    /// Delete the cache's compiled artifacts that no module in `keep` (sha256s) uses: those
+    /// of removed or upgraded modules, of installs that were compiled but never committed
+    /// (validation, `precompile`), and those an older engine wrote. Returns the number of
+    /// files and bytes removed. Run at startup, before anything compiles.
+    pub fn prune_cache<'a>(&self, keep: impl IntoIterator<Item = &'a str>) -> Result<(usize, u64)> {
+        let keep: std::collections::HashSet<String> = keep.into_iter().map(|sha| format!("{sha}-{}.cwasm", self.engine_tag)).collect();
+        let (mut files, mut bytes) = (0, 0);
+        for entry in std::fs::read_dir(&self.cache_dir).with_context(|| format!("reading {}", self.cache_dir.display()))? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let ours = name.ends_with(".cwasm") || name.ends_with(".tmp");
+            if !ours || keep.contains(&name) {
+                continue;
+            }
+            let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
+            std::fs::remove_file(entry.path()).with_context(|| format!("removing {}", entry.path().display()))?;
+            files += 1;
+            bytes += size;
+        }
+        Ok((files, bytes))
+    }
+
     /// Compile (or load from the on-disk cache) a component.
     fn compile(&self, component: &[u8]) -> Result<Component> {
         let sha = sha256_hex(component);
@@ -599,6 +621,28 @@ mod tests {
         let wasm = rt.validate(crate::server::DEFAULT_KV_MODULE).unwrap();
         rt.load(ModuleRecord::for_component("kv".into(), &wasm, fuel, memory_bytes, 1), &wasm).unwrap();
         (dir, db, rt)
+    }
+
+    /// Startup pruning keeps the artifacts of installed modules and nothing else.
+    #[test]
+    fn prune_cache_keeps_only_installed_modules() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = Runtime::new(&dir.path().join("cache")).unwrap();
+        let kv = rt.validate(crate::server::DEFAULT_KV_MODULE).unwrap();
+        let kv_sha = sha256_hex(&kv);
+        let cache = dir.path().join("cache");
+        let other = "ab".repeat(32);
+        for name in [format!("{other}-{}.cwasm", rt.engine_tag), format!("{kv_sha}-0000000000000000.cwasm"), format!("{other}-x.tmp")] {
+            std::fs::write(cache.join(name), b"stale").unwrap();
+        }
+        std::fs::write(cache.join("notes.txt"), b"not ours").unwrap();
+        assert_eq!(rt.prune_cache([kv_sha.as_str()]).unwrap(), (3, 15));
+        let mut left: Vec<String> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        left.sort();
+        assert_eq!(left, vec![format!("{kv_sha}-{}.cwasm", rt.engine_tag), "notes.txt".to_string()]);
+        // What is kept still loads without a compile.
+        rt.load(ModuleRecord::for_component("kv".into(), &kv, 1, 1, 1), &kv).unwrap();
+        assert_eq!(rt.prune_cache([]).unwrap().0, 1);
     }
 
     /// Applies `cmd` to the kv machine as a batch of its own and commits it: the guest's
