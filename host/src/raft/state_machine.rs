@@ -94,6 +94,17 @@ fn snap_err(verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError {
     openraft::StorageIOError::new(ErrorSubject::Snapshot(None), verb, AnyError::error(format!("{e:#}"))).into()
 }
 
+/// Delete module blob `sha256` in `batch` unless a machine (committed, or pending in
+/// `batch`) still runs it: a removed or upgraded module's bytes would otherwise stay in
+/// the state, and in every snapshot, for good. A function of the state alone, so every
+/// replica deletes alike.
+fn drop_unused_blob(db: &StateDb, batch: &mut PendingBatch, sha256: &str) -> anyhow::Result<()> {
+    if !db.modules_with(batch)?.iter().any(|m| m.sha256 == sha256) {
+        batch.blobs.push((sha256.as_bytes().to_vec(), None));
+    }
+    Ok(())
+}
+
 fn state_root(data_dir: &Path) -> PathBuf {
     data_dir.join("state")
 }
@@ -162,18 +173,32 @@ impl StateMachineStore {
         snapshot::dir(&self.shared.data_dir)
     }
 
-    fn install(&self, batch: &mut PendingBatch, name: String, wasm: Vec<u8>, fuel: u64, memory_bytes: u64, index: u64) -> Response {
+    #[allow(clippy::too_many_arguments)]
+    fn install(
+        &self,
+        db: &StateDb,
+        batch: &mut PendingBatch,
+        name: String,
+        wasm: Vec<u8>,
+        fuel: u64,
+        memory_bytes: u64,
+        index: u64,
+    ) -> anyhow::Result<Response> {
         let record = ModuleRecord::for_component(name, &wasm, fuel, memory_bytes, index);
         // Validated before it was proposed, so this only fails if the engine differs
         // between nodes; every node answers the same either way.
-        match self.shared.runtime.load(record.clone(), &wasm) {
+        Ok(match self.shared.runtime.load(record.clone(), &wasm) {
             Ok(()) => {
-                batch.blobs.push((record.sha256.clone().into_bytes(), wasm));
+                let old = db.modules_with(batch)?.into_iter().find(|m| m.name == record.name);
+                batch.blobs.push((record.sha256.clone().into_bytes(), Some(wasm)));
                 batch.put_module(&record);
+                if let Some(old) = old.filter(|o| o.sha256 != record.sha256) {
+                    drop_unused_blob(db, batch, &old.sha256)?;
+                }
                 Response::Installed { sha256: record.sha256, size: record.size }
             }
             Err(e) => Response::Failed(ApplyError::new(ApplyErrorKind::InvalidModule, format!("{e:#}"))),
-        }
+        })
     }
 
     /// Whether to apply `entries` right on the async task that received them: when this
@@ -251,7 +276,7 @@ impl StateMachineStore {
                             continue;
                         }
                         batch.mark_default_installed(&name);
-                        responses.push(self.install(&mut batch, name, wasm, fuel, memory_bytes, index));
+                        responses.push(self.install(&db, &mut batch, name, wasm, fuel, memory_bytes, index)?);
                     }
                     EntryPayload::Normal(Request::Alarm { activate, member_id, alarm }) => {
                         batch.set_alarm(member_id, alarm, activate);
@@ -277,7 +302,7 @@ impl StateMachineStore {
                         responses.push(r);
                     }
                     EntryPayload::Normal(Request::InstallModule { name, wasm, fuel, memory_bytes }) => {
-                        responses.push(self.install(&mut batch, name, wasm, fuel, memory_bytes, index));
+                        responses.push(self.install(&db, &mut batch, name, wasm, fuel, memory_bytes, index)?);
                     }
                     EntryPayload::Normal(Request::RemoveModule { name }) => {
                         if rt.machine(&name).is_none() {
@@ -287,8 +312,12 @@ impl StateMachineStore {
                             )));
                             continue;
                         }
+                        let sha = rt.machine(&name).map(|m| m.record.sha256.clone());
                         rt.unload(&name);
                         batch.remove_module(&name);
+                        if let Some(sha) = sha {
+                            drop_unused_blob(&db, &mut batch, &sha)?;
+                        }
                         let p = machine_prefix(&name);
                         batch.range_deletes.push((p.clone(), prefix_end(&p)));
                         // and the keys it attached to leases.
@@ -550,6 +579,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::{DEFAULT_FUEL, DEFAULT_MEMORY_BYTES};
     use crate::storage::sha256_hex;
     use tokio::io::AsyncReadExt;
 
@@ -584,6 +614,57 @@ mod tests {
         let mut out = Vec::new();
         f.read_to_end(&mut out).await.unwrap();
         out
+    }
+
+    /// A module's bytes leave the state when no machine runs them any more: after an
+    /// upgrade to other bytes or a removal, also within one applied batch, and not while
+    /// another machine runs the same bytes.
+    #[test]
+    fn unused_module_blobs_are_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let sm = StateMachineStore::open(dir.path()).unwrap();
+        let v1 = sm.shared.runtime.validate(crate::server::DEFAULT_KV_MODULE).unwrap();
+        // The same component with a custom section: other bytes, same code.
+        let v2 = [&v1[..], &[0, 3, 1, b'x', 7]].concat();
+        let (s1, s2) = (sha256_hex(&v1), sha256_hex(&v2));
+        assert_ne!(s1, s2);
+        let mut index = 0;
+        let mut apply = |requests: Vec<Request>| {
+            let entries = requests
+                .into_iter()
+                .map(|r| {
+                    index += 1;
+                    Entry { log_id: log_id(1, index), payload: EntryPayload::Normal(r) }
+                })
+                .collect();
+            for r in sm.apply_entries(entries).unwrap() {
+                assert!(matches!(r, Response::Installed { .. } | Response::Removed), "{r:?}");
+            }
+        };
+        let install = |name: &str, wasm: &[u8]| Request::InstallModule {
+            name: name.into(),
+            wasm: wasm.to_vec(),
+            fuel: DEFAULT_FUEL,
+            memory_bytes: DEFAULT_MEMORY_BYTES,
+        };
+        let remove = |name: &str| Request::RemoveModule { name: name.into() };
+        let held = |sha: &str| sm.shared.db().blob(sha).unwrap().is_some();
+
+        apply(vec![install("a", &v1)]);
+        assert!(held(&s1));
+        apply(vec![install("a", &v2)]);
+        assert!(!held(&s1) && held(&s2), "an upgrade drops the old bytes");
+        apply(vec![install("a", &v2)]);
+        assert!(held(&s2), "reinstalling the same bytes keeps them");
+        apply(vec![install("b", &v2)]);
+        apply(vec![remove("a")]);
+        assert!(held(&s2), "b still runs them");
+        apply(vec![remove("b")]);
+        assert!(!held(&s2), "nobody runs them");
+        apply(vec![install("c", &v1), install("c", &v2)]);
+        assert!(!held(&s1) && held(&s2), "within one batch too");
+        apply(vec![install("d", &v1), remove("c"), install("c", &v2)]);
+        assert!(held(&s1) && held(&s2));
     }
 
     /// A snapshot goes from a built file through openraft's receiving side into another

@@ -6,7 +6,7 @@
 //!   Names never contain 0x00, so each machine owns one contiguous key range. Keys starting
 //!   with 0x01 are reserved for the host (lease attachments).
 //! - `meta`: `applied` (last applied log id), `membership`, `module/<name>` (module records).
-//! - `blobs`: module bytes by sha256.
+//! - `blobs`: module bytes by sha256, deleted when no machine runs them any more.
 //!
 //! The Raft log lives in a different DB (see `raft::log_store`) so a snapshot of the state
 //! can be swapped in as a whole directory.
@@ -197,6 +197,19 @@ impl StateDb {
         Ok(out)
     }
 
+    /// The machines' records as they stand with `batch`'s pending writes applied.
+    pub fn modules_with(&self, batch: &PendingBatch) -> Result<Vec<ModuleRecord>> {
+        let mut records: BTreeMap<Vec<u8>, ModuleRecord> =
+            self.modules()?.into_iter().map(|r| (module_key(&r.name), r)).collect();
+        for (k, v) in batch.meta.range(MODULE_PREFIX.to_vec()..).take_while(|(k, _)| k.starts_with(MODULE_PREFIX)) {
+            match v {
+                Some(v) => records.insert(k.clone(), decode(v).context("decoding module record")?),
+                None => records.remove(k),
+            };
+        }
+        Ok(records.into_values().collect())
+    }
+
     /// Whether the built-in default machine `name` was ever installed in this cluster.
     pub fn default_installed(&self, name: &str) -> Result<bool> {
         Ok(self.db.get_cf(self.cf(CF_META), [DEFAULT_PREFIX, name.as_bytes()].concat())?.is_some())
@@ -285,7 +298,10 @@ impl StateDb {
             }
         }
         for (k, v) in batch.blobs {
-            wb.put_cf(self.cf(CF_BLOBS), k, v);
+            match v {
+                Some(v) => wb.put_cf(self.cf(CF_BLOBS), k, v),
+                None => wb.delete_cf(self.cf(CF_BLOBS), k),
+            }
         }
         for (start, end) in batch.range_deletes {
             wb.delete_range_cf(data, start, end);
@@ -403,7 +419,8 @@ impl Overlay {
 pub struct PendingBatch {
     pub data: Overlay,
     pub meta: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
-    pub blobs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Module blobs written (`Some`) or deleted (`None`), in apply order.
+    pub blobs: Vec<(Vec<u8>, Option<Vec<u8>>)>,
     /// Applied before nothing else in the batch can observe them: the driver commits the
     /// batch right after queueing a range delete.
     pub range_deletes: Vec<(Vec<u8>, Vec<u8>)>,
