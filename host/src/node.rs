@@ -417,7 +417,6 @@ impl Node {
         }
     }
 
-    /// Replicate `req` and return what applying it produced (and its log index).
     /// Have every other member compile `component` into its cache before it is proposed
     /// (`RaftPeer.Precompile`), each within `timeout`. Best effort: a member that is down,
     /// slow or older compiles when it applies the install, as before. Returns how many
@@ -443,6 +442,7 @@ impl Node {
         futures::future::join_all(calls).await.into_iter().flatten().count()
     }
 
+    /// Replicate `req` and return what applying it produced (and its log index).
     pub async fn propose(&self, req: Request) -> Result<(Response, u64), NodeError> {
         let _in_flight = InFlight::new(&self.shared.commands_in_flight, 1);
         let deadline = Instant::now() + self.request_timeout;
@@ -688,9 +688,8 @@ impl RaftPeer for PeerService {
         Ok(tonic::Response::new(self.node.serve_lease_call(req.into_inner()).await))
     }
 
-    /// A learner asking whether it is still a member (see `server::ask_while_learner`): a
-    /// member whose committed configuration removed it answers as to a removed voter's
-    /// vote request.
+    /// A module that a member is about to propose an install of, to compile into the cache
+    /// now (see `Node::precompile_on_peers`).
     async fn precompile(&self, req: tonic::Request<Blob>) -> Result<tonic::Response<Blob>, tonic::Status> {
         let component = req.into_inner().data;
         if component.len() > crate::runtime::MAX_MODULE_BYTES {
@@ -704,6 +703,9 @@ impl RaftPeer for PeerService {
         Ok(tonic::Response::new(Blob::default()))
     }
 
+    /// A learner asking whether it is still a member (see `server::ask_while_learner`): a
+    /// member whose committed configuration removed it answers as to a removed voter's
+    /// vote request.
     async fn member_check(
         &self,
         req: tonic::Request<MemberCheckRequest>,

@@ -36,7 +36,7 @@ mod host;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use anyhow::{Context, Result};
@@ -282,7 +282,11 @@ impl Runtime {
         let c = Component::new(&self.engine, component).map_err(|e| anyhow::anyhow!("module does not compile: {e}"))?;
         match c.serialize() {
             Ok(bytes) => {
-                let tmp = path.with_extension("tmp");
+                // A name of its own: a precompile and an apply may compile the same bytes
+                // at once (a precompile that outlasted its caller's wait), and two writers
+                // of one temporary file could rename a half-written artifact into place.
+                static WRITES: AtomicU64 = AtomicU64::new(0);
+                let tmp = path.with_extension(format!("{}.tmp", WRITES.fetch_add(1, Ordering::Relaxed)));
                 if let Err(e) = std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, &path)) {
                     tracing::warn!("could not cache compiled module: {e}");
                 }
