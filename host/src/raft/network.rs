@@ -201,7 +201,10 @@ impl RaftNetwork<TypeConfig> for PeerConn {
     }
 }
 
-/// How many of `entries`, from the first, fit in [`APPEND_BUDGET`] (at least one).
+/// How many of `entries` (more than one), from the first, to send in the next call: those
+/// that fit in [`APPEND_BUDGET`], at least one, and always fewer than all of them, so that
+/// openraft's next call is smaller even when the entries alone fit and only the request
+/// around them tipped it over.
 fn entries_that_fit(entries: &[crate::types::Entry]) -> u64 {
     let mut size = 0;
     let fit = entries
@@ -211,7 +214,7 @@ fn entries_that_fit(entries: &[crate::types::Entry]) -> u64 {
             size <= APPEND_BUDGET
         })
         .count();
-    fit.max(1) as u64
+    fit.clamp(1, entries.len().saturating_sub(1).max(1)) as u64
 }
 
 #[cfg(test)]
@@ -240,8 +243,13 @@ mod tests {
         assert_eq!(entries_that_fit(&big), 1);
         let mixed: Vec<Entry> = (1..=3).map(|i| install(i, 1000)).chain([install(4, 3 * mib), install(5, 6 * mib)]).collect();
         assert_eq!(entries_that_fit(&mixed), 4);
-        // 32 batches of 200 KiB: one call.
+        // 32 batches of 200 KiB fit in one call (and are never asked to split).
         let small: Vec<Entry> = (1..=32).map(|i| install(i, 200 * 1024)).collect();
-        assert_eq!(entries_that_fit(&small), 32);
+        assert!(encode(&small).len() < APPEND_BUDGET);
+        // Entries that fit only without the request around them: still fewer next time.
+        let edge = APPEND_BUDGET / 2 - 64;
+        let tight = [install(1, edge), install(2, edge)];
+        assert!(tight.iter().map(|e| encode(e).len()).sum::<usize>() <= APPEND_BUDGET);
+        assert_eq!(entries_that_fit(&tight), 1);
     }
 }
