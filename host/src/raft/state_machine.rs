@@ -142,6 +142,11 @@ impl StateMachineStore {
         let db = Arc::new(StateDb::open(&root.join(&current))?);
         let runtime = Arc::new(Runtime::new(&data_dir.join("cache"))?);
         runtime.sync_with(&db).context("loading installed machines")?;
+        match db.drop_unreferenced_blobs() {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(blobs = n, "removed module bytes no machine runs"),
+            Err(e) => tracing::warn!("removing unused module bytes: {e:#}"),
+        }
         let installed = db.modules().context("listing installed machines")?;
         match runtime.prune_cache(installed.iter().map(|m| m.sha256.as_str())) {
             Ok((0, _)) => {}
@@ -665,6 +670,17 @@ mod tests {
         assert!(!held(&s1) && held(&s2), "within one batch too");
         apply(vec![install("d", &v1), remove("c"), install("c", &v2)]);
         assert!(held(&s1) && held(&s2));
+
+        // A blob that an older build left behind (no record names it) goes at the next open.
+        let mut batch = PendingBatch::default();
+        batch.blobs.push((b"00".repeat(32), Some(b"old bytes".to_vec())));
+        sm.shared.db().commit(batch).unwrap();
+        assert!(held(&"00".repeat(32)));
+        drop(sm);
+        let sm = StateMachineStore::open(dir.path()).unwrap();
+        let db = sm.shared.db();
+        assert!(db.blob(&"00".repeat(32)).unwrap().is_none());
+        assert!(db.blob(&s1).unwrap().is_some() && db.blob(&s2).unwrap().is_some());
     }
 
     /// A snapshot goes from a built file through openraft's receiving side into another
