@@ -39,7 +39,8 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-/// How long a single client invocation may run before the harness kills it.
+/// How long a single client invocation may run before the harness kills it, unless it asks
+/// for a longer `--command-timeout` (see `hard_timeout`).
 /// The CLI has its own `--command-timeout` (5 s); this only guards against hangs.
 pub const CLIENT_HARD_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long to wait for a fresh cluster to elect a leader everyone agrees on.
@@ -261,16 +262,35 @@ fn shell_quote(s: &str) -> String {
     }
 }
 
-/// Runs `raftvm ARGS...`, capturing output, killing it after
-/// [`CLIENT_HARD_TIMEOUT`].
+/// Runs `raftvm ARGS...`, capturing output, killing it after [`hard_timeout`].
 pub fn run_raftvm<S: AsRef<str>>(args: &[S]) -> CmdOutput {
     let args: Vec<&str> = args.iter().map(|a| a.as_ref()).collect();
     run_command("raftvm", &raftvm_bin(), &args, &[], None)
 }
 
+/// How long the harness lets a client command run: [`CLIENT_HARD_TIMEOUT`], or longer when
+/// ARGS give a longer `--command-timeout` (`=Ns`/`=Nm`, or as the next argument), so that
+/// a test asking a slow install to wait five minutes is not killed after thirty seconds.
+fn hard_timeout(args: &[&str]) -> Duration {
+    let value = args.iter().enumerate().find_map(|(i, a)| match a.strip_prefix("--command-timeout") {
+        Some("") => args.get(i + 1).copied(),
+        Some(v) => v.strip_prefix('='),
+        None => None,
+    });
+    let asked = value.and_then(|v| {
+        let secs = |n: &str| n.parse::<u64>().ok();
+        match (v.strip_suffix('s'), v.strip_suffix('m')) {
+            (Some(n), _) => secs(n),
+            (_, Some(n)) => secs(n).map(|m| m * 60),
+            _ => None,
+        }
+    });
+    asked.map_or(CLIENT_HARD_TIMEOUT, |s| CLIENT_HARD_TIMEOUT.max(Duration::from_secs(s + 10)))
+}
+
 /// Runs `bin ARGS...` (shown as `name ...`) with extra environment and, if given,
 /// `stdin` fed to it; captures stdout and stderr and kills it after
-/// [`CLIENT_HARD_TIMEOUT`].
+/// [`hard_timeout`].
 pub fn run_command(name: &str, bin: &Path, args: &[&str], envs: &[(&str, &str)], stdin: Option<&str>) -> CmdOutput {
     let cmdline = std::iter::once(name.to_string())
         .chain(args.iter().map(|a| shell_quote(a)))
@@ -295,7 +315,8 @@ pub fn run_command(name: &str, bin: &Path, args: &[&str], envs: &[(&str, &str)],
     }
     let out_reader = spawn_reader(child.stdout.take().expect("piped stdout"));
     let err_reader = spawn_reader(child.stderr.take().expect("piped stderr"));
-    let deadline = start + CLIENT_HARD_TIMEOUT;
+    let hard = hard_timeout(args);
+    let deadline = start + hard;
     let mut timed_out = false;
     let status = loop {
         match child.try_wait().expect("try_wait client") {
@@ -311,7 +332,7 @@ pub fn run_command(name: &str, bin: &Path, args: &[&str], envs: &[(&str, &str)],
     let stdout = out_reader.join().expect("stdout reader");
     let mut stderr = err_reader.join().expect("stderr reader");
     if timed_out {
-        stderr.push_str(&format!("\n[harness: killed after {CLIENT_HARD_TIMEOUT:?}]"));
+        stderr.push_str(&format!("\n[harness: killed after {hard:?}]"));
     }
     CmdOutput { cmdline, code: if timed_out { None } else { status.code() }, stdout, stderr, elapsed: start.elapsed() }
 }
@@ -1040,4 +1061,18 @@ pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
 pub fn contains_any_ci(haystack: &str, needles: &[&str]) -> bool {
     let h = haystack.to_lowercase();
     needles.iter().any(|n| h.contains(&n.to_lowercase()))
+}
+
+#[cfg(test)]
+mod hard_timeout_tests {
+    use super::*;
+
+    #[test]
+    fn a_longer_command_timeout_extends_the_harness_limit() {
+        assert_eq!(hard_timeout(&["module", "list"]), CLIENT_HARD_TIMEOUT);
+        assert_eq!(hard_timeout(&["call", "m", "x", "--command-timeout", "15s"]), CLIENT_HARD_TIMEOUT);
+        assert_eq!(hard_timeout(&["module", "install", "--command-timeout=300s"]), Duration::from_secs(310));
+        assert_eq!(hard_timeout(&["module", "install", "--command-timeout", "2m"]), Duration::from_secs(130));
+        assert_eq!(hard_timeout(&["--command-timeout=soon"]), CLIENT_HARD_TIMEOUT);
+    }
 }
