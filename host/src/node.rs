@@ -422,11 +422,7 @@ impl Node {
     /// slow or older compiles when it applies the install, as before. Returns how many
     /// members answered that the component is compiled.
     pub async fn precompile_on_peers(&self, component: &[u8], timeout: Duration) -> usize {
-        let peers: Vec<String> = {
-            let m = self.raft.metrics();
-            let m = m.borrow();
-            m.membership_config.membership().nodes().filter(|(id, _)| **id != self.id).map(|(_, n)| n.peer_url.clone()).collect()
-        };
+        let peers = other_peer_urls(self.raft.metrics().borrow().membership_config.membership(), self.id);
         let calls = peers.into_iter().map(|url| async move {
             let link = crate::raft::network::peer_link(&url).ok()?;
             let mut req = tonic::Request::new(Blob { data: component.to_vec() });
@@ -595,6 +591,11 @@ pub struct PeerService {
     /// Becomes true when the server stops: call streams end so shutdown does not wait for
     /// peers to close them.
     pub stopped: tokio::sync::watch::Receiver<bool>,
+}
+
+/// The peer URLs of every member of `membership` but `me` (voters and learners).
+pub fn other_peer_urls(membership: &openraft::Membership<NodeId, Member>, me: NodeId) -> Vec<String> {
+    membership.nodes().filter(|(id, _)| **id != me).map(|(_, n)| n.peer_url.clone()).collect()
 }
 
 fn bad_blob(e: postcard::Error) -> tonic::Status {

@@ -362,9 +362,7 @@ async fn ask_while_learner(node: Arc<Node>, told: Arc<watch::Sender<bool>>, ever
             if !learner {
                 continue;
             }
-            let peers: Vec<String> =
-                membership.nodes().filter(|(id, _)| **id != node.id).map(|(_, n)| n.peer_url.clone()).collect();
-            (peers, m.last_log_index.unwrap_or(0))
+            (crate::node::other_peer_urls(membership, node.id), m.last_log_index.unwrap_or(0))
         };
         for url in peers {
             let Ok(link) = crate::raft::network::peer_link(&url) else { continue };

@@ -142,12 +142,12 @@ impl StateMachineStore {
         let db = Arc::new(StateDb::open(&root.join(&current))?);
         let runtime = Arc::new(Runtime::new(&data_dir.join("cache"))?);
         runtime.sync_with(&db).context("loading installed machines")?;
-        match db.drop_unreferenced_blobs() {
+        let installed = db.modules().context("listing installed machines")?;
+        match db.drop_unreferenced_blobs(&installed) {
             Ok(0) => {}
             Ok(n) => tracing::info!(blobs = n, "removed module bytes no machine runs"),
             Err(e) => tracing::warn!("removing unused module bytes: {e:#}"),
         }
-        let installed = db.modules().context("listing installed machines")?;
         match runtime.prune_cache(installed.iter().map(|m| m.sha256.as_str())) {
             Ok((0, _)) => {}
             Ok((files, bytes)) => tracing::info!(files, bytes, "removed compiled modules no machine uses"),

@@ -250,7 +250,7 @@ impl Runtime {
     /// (validation, `precompile`), and those an older engine wrote. Returns the number of
     /// files and bytes removed. Run at startup, before anything compiles.
     pub fn prune_cache<'a>(&self, keep: impl IntoIterator<Item = &'a str>) -> Result<(usize, u64)> {
-        let keep: std::collections::HashSet<String> = keep.into_iter().map(|sha| format!("{sha}-{}.cwasm", self.engine_tag)).collect();
+        let keep: std::collections::HashSet<String> = keep.into_iter().map(|sha| self.artifact_name(sha)).collect();
         let (mut files, mut bytes) = (0, 0);
         for entry in std::fs::read_dir(&self.cache_dir).with_context(|| format!("reading {}", self.cache_dir.display()))? {
             let entry = entry?;
@@ -267,10 +267,15 @@ impl Runtime {
         Ok((files, bytes))
     }
 
+    /// The cache file of the component whose sha256 is `sha`, compiled by this engine.
+    fn artifact_name(&self, sha: &str) -> String {
+        format!("{sha}-{}.cwasm", self.engine_tag)
+    }
+
     /// Compile (or load from the on-disk cache) a component.
     fn compile(&self, component: &[u8]) -> Result<Component> {
         let sha = sha256_hex(component);
-        let path = self.cache_dir.join(format!("{sha}-{}.cwasm", self.engine_tag));
+        let path = self.cache_dir.join(self.artifact_name(&sha));
         if path.exists() {
             // SAFETY: the file was written by `Component::serialize` of an engine with the
             // same compatibility hash (it is in the file name), in our private data dir.
@@ -636,14 +641,14 @@ mod tests {
         let kv_sha = sha256_hex(&kv);
         let cache = dir.path().join("cache");
         let other = "ab".repeat(32);
-        for name in [format!("{other}-{}.cwasm", rt.engine_tag), format!("{kv_sha}-0000000000000000.cwasm"), format!("{other}-x.tmp")] {
+        for name in [rt.artifact_name(&other), format!("{kv_sha}-0000000000000000.cwasm"), format!("{other}-x.tmp")] {
             std::fs::write(cache.join(name), b"stale").unwrap();
         }
         std::fs::write(cache.join("notes.txt"), b"not ours").unwrap();
         assert_eq!(rt.prune_cache([kv_sha.as_str()]).unwrap(), (3, 15));
         let mut left: Vec<String> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         left.sort();
-        assert_eq!(left, vec![format!("{kv_sha}-{}.cwasm", rt.engine_tag), "notes.txt".to_string()]);
+        assert_eq!(left, vec![rt.artifact_name(&kv_sha), "notes.txt".to_string()]);
         // What is kept still loads without a compile.
         rt.load(ModuleRecord::for_component("kv".into(), &kv, 1, 1, 1), &kv).unwrap();
         assert_eq!(rt.prune_cache([]).unwrap().0, 1);

@@ -277,22 +277,26 @@ impl StateDb {
         Ok(self.db.get_cf(self.cf(CF_BLOBS), sha256.as_bytes())?)
     }
 
-    /// Delete the module blobs no machine's record names, returning how many went. Apply
-    /// deletes a blob when its last machine goes (`raft::state_machine`); this reclaims
-    /// those an older build left behind. Safe outside the log: a blob is written in the
-    /// same batch as the record that names it, so one that no record names is never read,
-    /// and blobs are not part of the state hash.
-    pub fn drop_unreferenced_blobs(&self) -> Result<usize> {
-        let named: std::collections::HashSet<String> = self.modules()?.into_iter().map(|m| m.sha256).collect();
+    /// Delete the module blobs that none of `installed` (the machines' records) names,
+    /// returning how many went. Apply deletes a blob when its last machine goes
+    /// (`raft::state_machine`); this reclaims those an older build left behind. Safe
+    /// outside the log: a blob is written in the same batch as the record that names it,
+    /// so one that no record names is never read, and blobs are not part of the state hash.
+    pub fn drop_unreferenced_blobs(&self, installed: &[ModuleRecord]) -> Result<usize> {
+        let named: std::collections::HashSet<&[u8]> = installed.iter().map(|m| m.sha256.as_bytes()).collect();
         let mut wb = WriteBatch::default();
         let mut n = 0;
-        for item in self.db.iterator_cf(self.cf(CF_BLOBS), IteratorMode::Start) {
-            let (k, _) = item?;
-            if !named.contains(&*String::from_utf8_lossy(&k)) {
+        // Keys only: a blob is a whole module, and nothing here needs its bytes.
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_BLOBS));
+        it.seek_to_first();
+        while let Some(k) = it.key() {
+            if !named.contains(k) {
                 wb.delete_cf(self.cf(CF_BLOBS), k);
                 n += 1;
             }
+            it.next();
         }
+        it.status()?;
         if n > 0 {
             self.db.write(wb)?;
         }
