@@ -97,14 +97,18 @@ impl Server {
 
         let log = LogStore::open(&data_dir)?;
         let commit_index = log.commit_index();
-        let sm = StateMachineStore::open(&data_dir)?;
+        let durable = log.durable();
+        let leads_others = log.defer_leader_syncs(id);
+        let mut sm = StateMachineStore::open(&data_dir)?;
+        sm.apply_only_synced(durable.clone());
         let shared = sm.shared();
         // Peers telling this member it was removed (`Network`), and this member announcing it.
         let (told_removed, told) = watch::channel(false);
         let (removed_tx, removed) = watch::channel(false);
         let told_removed = Arc::new(told_removed);
-        let network = Network { removed: told_removed.clone() };
+        let network = Network { removed: told_removed.clone(), durable };
         let raft = Raft::new(id, Arc::new(raft_config), network, log, sm).await.context("starting raft")?;
+        tokio::spawn(crate::raft::log_store::defer_while_leading_others(leads_others, id, raft.server_metrics()));
 
         let node = Arc::new(Node {
             id,

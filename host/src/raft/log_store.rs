@@ -18,8 +18,22 @@
 //!
 //! Appends are written and synced right in `append`, on the calling task: openraft 0.9's
 //! core awaits every append's flush before it does anything else, so the append is on the
-//! critical path anyway. An entry is acknowledged only after the `fdatasync` that covers
-//! it, so an acknowledged write survives power loss.
+//! critical path anyway. A follower acknowledges an entry only after the `fdatasync` that
+//! covers it, so an acknowledged write survives power loss.
+//!
+//! Leader appends: the one exception. openraft 0.9 replicates nothing until the leader's
+//! own append reports its flush, so a write to a 3-member cluster paid two syncs in a row,
+//! the leader's and then a follower's. etcd's leader writes its disk while the followers
+//! write theirs, and so does this log: when this member leads a cluster with other voters,
+//! an append of the leader's own entries (the committed vote is this member's and the
+//! entries carry its leader id) is written and reported flushed at once, and a blocking
+//! task syncs it behind (one `fdatasync` for whatever was written meanwhile). That is safe
+//! because nothing outside the leader learns of such an entry's commit before it is on the
+//! leader's disk: [`Durable`] publishes how far the log is synced, and the network holds a
+//! follower's acknowledgement until the leader's disk has the entries it acknowledges (so
+//! a commit always counts the leader's synced copy plus a follower's) and holds any commit
+//! index it sends until it is synced here; the state machine applies no entry before it is
+//! synced. A failed background sync ends the process: the append was already reported done.
 //!
 //! Crash safety:
 //! - A torn append can only be at the end of the last segment (a full segment is synced
@@ -43,13 +57,15 @@ use std::io::{BufReader, Read};
 use std::ops::{Bound, RangeBounds};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{AnyError, ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, Vote};
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 use crate::raft::state_machine::{sync_dir, write_atomic};
 use crate::types::{decode, encode, Entry, LogId, NodeId, StorageError, TypeConfig};
@@ -67,6 +83,51 @@ pub struct LogStore {
     /// The latest commit index openraft reported since this process started (0 before
     /// the first), for a leader's lease reads (see [`crate::raft::lease`]).
     commit_index: Arc<AtomicU64>,
+    deferral: Arc<Deferral>,
+}
+
+/// When a leader's appends may be synced behind (see "Leader appends" in the module doc).
+#[derive(Default)]
+struct Deferral {
+    /// This member's id, once [`LogStore::defer_leader_syncs`] gave it.
+    me: OnceLock<NodeId>,
+    /// Set while this member leads a cluster with other voters. Only a hint for speed:
+    /// with one voter a commit needs no other member's acknowledgement, so deferring
+    /// would only add a hop before the apply, which waits for the sync either way.
+    leads_others: Arc<AtomicBool>,
+}
+
+/// How far the raft log is on disk: every entry up to [`Durable::index`] is synced (or
+/// covered by an installed snapshot). Only a leader's own appends are ever behind it.
+#[derive(Clone)]
+pub struct Durable(watch::Receiver<u64>);
+
+impl Durable {
+    pub fn index(&self) -> u64 {
+        *self.0.borrow()
+    }
+
+    /// The log this watches is gone.
+    pub fn closed(&self) -> bool {
+        self.0.has_changed().is_err()
+    }
+
+    /// One that reports what `rx` holds, for tests of those who wait on it.
+    #[cfg(test)]
+    pub(crate) fn from_watch(rx: watch::Receiver<u64>) -> Self {
+        Durable(rx)
+    }
+
+    /// Waits until every entry up to `index` is synced; false if `timeout` passed first
+    /// or the log was closed.
+    pub async fn wait(&self, index: u64, timeout: Duration) -> bool {
+        if self.index() >= index {
+            return true;
+        }
+        let mut rx = self.0.clone();
+        let reached = tokio::time::timeout(timeout, rx.wait_for(|d| *d >= index)).await;
+        matches!(reached, Ok(Ok(_)))
+    }
 }
 
 /// What `meta` holds.
@@ -125,6 +186,17 @@ struct Wal {
     meta: Meta,
     /// Id of the last entry in the log (not counting purged ones), if any.
     last: Option<LogId>,
+    /// Every entry up to this index is synced (see "Leader appends" in the module doc),
+    /// published through `durable_tx`.
+    durable: u64,
+    durable_tx: watch::Sender<u64>,
+    /// The highest index written by an append whose sync was deferred.
+    sync_wanted: u64,
+    /// A background sync is running (it ends once nothing is left to sync).
+    syncing: bool,
+    /// Bumped by every truncate: a background sync that started before one does not
+    /// vouch for entries written after it.
+    epoch: u64,
 }
 
 fn seg_name(first: u64) -> String {
@@ -221,7 +293,18 @@ impl Wal {
         }
         firsts.sort_unstable();
         let purged_next = meta.purged.map_or(0, |p| p.index + 1);
-        let mut wal = Wal { dir: dir.to_path_buf(), segment_bytes, segments: VecDeque::new(), last: None, meta };
+        let mut wal = Wal {
+            dir: dir.to_path_buf(),
+            segment_bytes,
+            segments: VecDeque::new(),
+            last: None,
+            meta,
+            durable: 0,
+            durable_tx: watch::channel(0).0,
+            sync_wanted: 0,
+            syncing: false,
+            epoch: 0,
+        };
         for (n, &first) in firsts.iter().enumerate() {
             let path = dir.join(seg_name(first));
             let file = OpenOptions::new().read(true).write(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
@@ -272,7 +355,28 @@ impl Wal {
             wal.last = wal.meta.purged;
         }
         wal.drop_purged_segments()?;
+        // What was read back is on disk (a repaired tail was cut and synced above).
+        wal.mark_durable(wal.last.map_or(0, |l| l.index));
         Ok(wal)
+    }
+
+    /// Records that every entry up to `index` is synced.
+    fn mark_durable(&mut self, index: u64) {
+        if index > self.durable {
+            self.durable = index;
+            self.durable_tx.send_replace(index);
+        }
+    }
+
+    /// Whether an append of `entries` may report its flush before its sync: they are
+    /// this member's own entries as the leader of a cluster with other voters.
+    fn may_defer(&self, deferral: &Deferral, entries: &[Entry]) -> bool {
+        let (Some(&me), Some(vote)) = (deferral.me.get(), self.meta.vote) else { return false };
+        let leader = vote.leader_id();
+        deferral.leads_others.load(Ordering::Acquire)
+            && vote.is_committed()
+            && leader.node_id == me
+            && entries.iter().all(|e| e.log_id.leader_id.node_id == me && e.log_id.leader_id.term == leader.term)
     }
 
     fn purged_next(&self) -> u64 {
@@ -414,6 +518,13 @@ impl Wal {
         if self.last.is_none() {
             self.last = self.meta.purged;
         }
+        let keep = index.saturating_sub(1);
+        self.epoch += 1;
+        self.sync_wanted = self.sync_wanted.min(keep);
+        if self.durable > keep {
+            self.durable = keep;
+            self.durable_tx.send_replace(keep);
+        }
         Ok(())
     }
 
@@ -426,6 +537,8 @@ impl Wal {
         if self.last.is_none_or(|l| l.index < log_id.index) {
             self.last = Some(log_id);
         }
+        // Purged entries are in a snapshot that is on disk.
+        self.mark_durable(log_id.index);
         self.drop_purged_segments()?;
         Ok(())
     }
@@ -461,7 +574,46 @@ impl LogStore {
             // A migration that got as far as its rename: the old log is no longer needed.
             std::fs::remove_dir_all(&legacy).with_context(|| format!("removing {}", legacy.display()))?;
         }
-        Ok(Self { wal: Arc::new(Mutex::new(wal)), commit_index: Default::default() })
+        Ok(Self { wal: Arc::new(Mutex::new(wal)), commit_index: Default::default(), deferral: Default::default() })
+    }
+
+    /// How far this log is on disk.
+    pub fn durable(&self) -> Durable {
+        Durable(self.wal().durable_tx.subscribe())
+    }
+
+    /// Writes `entries` and syncs them, or (see "Leader appends" in the module doc) has
+    /// them synced behind; either way, openraft may be told they are flushed on return.
+    fn write_entries(&self, entries: Vec<Entry>) -> anyhow::Result<()> {
+        let (file, last) = {
+            let mut wal = self.wal();
+            let defer = wal.may_defer(&self.deferral, &entries);
+            wal.write(entries)?;
+            let last = wal.last.map_or(0, |l| l.index);
+            if defer {
+                wal.sync_wanted = last;
+                if !std::mem::replace(&mut wal.syncing, true) {
+                    let wal = self.wal.clone();
+                    tokio::task::spawn_blocking(move || sync_behind(&wal));
+                }
+                return Ok(());
+            }
+            (wal.segments.back().map(|s| s.file.clone()), last)
+        };
+        // The sync runs outside the lock, so readers go on meanwhile. This task is the log's
+        // only writer: no cut can come between the write and the sync.
+        if let Some(f) = file {
+            f.sync_data()?;
+        }
+        self.wal().mark_durable(last);
+        Ok(())
+    }
+
+    /// Lets this member's appends as a leader be synced behind (see "Leader appends" in
+    /// the module doc) while the returned flag is set; `me` is this member's id.
+    pub fn defer_leader_syncs(&self, me: NodeId) -> Arc<AtomicBool> {
+        let _ = self.deferral.me.set(me);
+        self.deferral.leads_others.clone()
     }
 
     /// The commit index as openraft reports it to this store. openraft reports each new
@@ -523,7 +675,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // restarted node waits for the leader to tell it again.
         if let Some(c) = committed {
             self.commit_index.fetch_max(c.index, Ordering::Release);
-            self.wal().meta.committed = Some(c);
+            let mut wal = self.wal();
+            // Never a hint past the synced log: a restart would look for entries it lost.
+            if c.index <= wal.durable {
+                wal.meta.committed = Some(c);
+            }
         }
         Ok(())
     }
@@ -537,19 +693,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let synced = (|| -> anyhow::Result<()> {
-            let file = {
-                let mut wal = self.wal();
-                wal.write(entries)?;
-                wal.segments.back().map(|s| s.file.clone())
-            };
-            // The sync runs outside the lock, so readers go on meanwhile. This task is the
-            // log's only writer: no cut can come between the write and the sync.
-            if let Some(f) = file {
-                f.sync_data()?;
-            }
-            Ok(())
-        })();
+        let synced = self.write_entries(entries.into_iter().collect());
         match synced {
             Ok(()) => {
                 callback.log_io_completed(Ok(()));
@@ -568,6 +712,56 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         self.wal().purge(log_id).map_err(write_err)
+    }
+}
+
+/// Syncs what deferred appends wrote (see "Leader appends" in the module doc), one
+/// `fdatasync` for everything written by the time it starts, until nothing is left.
+fn sync_behind(wal: &Mutex<Wal>) {
+    let lock = || wal.lock().expect("raft log lock poisoned");
+    loop {
+        let (file, target, epoch) = {
+            let mut w = lock();
+            if w.sync_wanted <= w.durable {
+                w.syncing = false;
+                return;
+            }
+            // Entries in earlier segments were synced when their segment filled up.
+            (w.segments.back().map(|s| s.file.clone()), w.sync_wanted, w.epoch)
+        };
+        if let Some(Err(e)) = file.map(|f| f.sync_data()) {
+            // openraft was told these entries are flushed, and after a failed fsync the
+            // kernel may have dropped the pages: this member can no longer vouch for its
+            // log. The entries are not committed (no follower's ack counts before this
+            // sync), so the cluster goes on without this member.
+            tracing::error!(error = %e, "raft log: syncing a leader's appends failed; stopping");
+            eprintln!("raftvm: syncing the raft log failed ({e}); stopping");
+            std::process::abort();
+        }
+        let mut w = lock();
+        if w.epoch == epoch {
+            w.mark_durable(target);
+        }
+    }
+}
+
+/// Keeps `flag` set while this member (`me`) leads a cluster with other voters (see
+/// [`LogStore::defer_leader_syncs`]); ends with the metrics. openraft's server metrics
+/// change with the role and the membership only, not with every commit.
+pub async fn defer_while_leading_others(
+    flag: Arc<AtomicBool>,
+    me: NodeId,
+    mut metrics: watch::Receiver<openraft::metrics::RaftServerMetrics<NodeId, crate::types::Member>>,
+) {
+    loop {
+        let on = {
+            let m = metrics.borrow_and_update();
+            m.state == openraft::ServerState::Leader && m.membership_config.membership().voter_ids().any(|v| v != me)
+        };
+        flag.store(on, Ordering::Release);
+        if metrics.changed().await.is_err() {
+            return;
+        }
     }
 }
 
@@ -874,5 +1068,70 @@ mod tests {
         drop(log);
         let mut log = LogStore::open(dir.path()).unwrap();
         assert_eq!(log.try_get_log_entries(0..100).await.unwrap().len(), 6);
+    }
+
+    /// The log of member 1, which leads term `term` of a cluster with other voters.
+    async fn leading(dir: &Path, term: u64) -> (LogStore, Arc<AtomicBool>) {
+        let mut log = LogStore::open_with(dir, 1 << 20).unwrap();
+        let leads_others = log.defer_leader_syncs(1);
+        leads_others.store(true, Ordering::Release);
+        log.save_vote(&Vote::new_committed(term, 1)).await.unwrap();
+        (log, leads_others)
+    }
+
+    #[tokio::test]
+    async fn only_a_leaders_own_appends_are_synced_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, leads_others) = leading(dir.path(), 2).await;
+        let durable = log.durable();
+        // Its own entries, as the leader of others: reported at once, synced behind.
+        log.write_entries((1..=3).map(|i| entry(2, i, 50)).collect()).unwrap();
+        assert_eq!(log.wal().sync_wanted, 3, "the append was not deferred");
+        assert!(durable.wait(3, Duration::from_secs(10)).await, "the sync behind never covered entry 3");
+        // The same as a lone voter: synced before the append returns.
+        leads_others.store(false, Ordering::Release);
+        log.write_entries(vec![entry(2, 4, 50)]).unwrap();
+        assert_eq!((log.wal().sync_wanted, durable.index()), (3, 4));
+        // A follower's append of another leader's entries (here node 2 leads term 3) is
+        // synced before it returns whatever the flag says: that is what its ack vouches for.
+        leads_others.store(true, Ordering::Release);
+        log.save_vote(&Vote::new_committed(3, 2)).await.unwrap();
+        let mut theirs = entry(3, 5, 50);
+        theirs.log_id.leader_id.node_id = 2;
+        log.write_entries(vec![theirs]).unwrap();
+        assert_eq!((log.wal().sync_wanted, durable.index()), (3, 5));
+        // A vote not yet granted by a quorum (a candidate's) does not make a leader.
+        log.save_vote(&Vote::new(4, 1)).await.unwrap();
+        log.write_entries(vec![entry(4, 6, 50)]).unwrap();
+        assert_eq!((log.wal().sync_wanted, durable.index()), (3, 6));
+        // Entries cut by a new leader are no longer on disk, as far as anyone waiting knows.
+        log.truncate(LogId::new(CommittedLeaderId::new(4, 1), 5)).await.unwrap();
+        assert_eq!(durable.index(), 4);
+        drop(log);
+        // Whatever a reopened log holds is on disk.
+        let log = LogStore::open_with(dir.path(), 1 << 20).unwrap();
+        assert_eq!(log.durable().index(), 4);
+    }
+
+    #[tokio::test]
+    async fn entries_synced_behind_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _leads_others) = leading(dir.path(), 1).await;
+        let durable = log.durable();
+        let want: Vec<Entry> = (1..=200).map(|i| entry(1, i, 300)).collect();
+        for chunk in want.chunks(7) {
+            log.write_entries(chunk.to_vec()).unwrap();
+        }
+        assert!(durable.wait(200, Duration::from_secs(10)).await);
+        // The sync behind ends once it has nothing left to do.
+        let idle = tokio::time::timeout(Duration::from_secs(10), async {
+            while log.wal().syncing {
+                tokio::task::yield_now().await;
+            }
+        });
+        assert!(idle.await.is_ok(), "the sync behind never stopped");
+        drop(log);
+        let mut log = LogStore::open_with(dir.path(), 1 << 20).unwrap();
+        assert_eq!(enc(&log.try_get_log_entries(0..1000).await.unwrap()), enc(&want));
     }
 }

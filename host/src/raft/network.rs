@@ -21,6 +21,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::proto::peer::raft_peer_client::RaftPeerClient;
 use crate::proto::peer::Blob;
 use crate::raft::link::{CallKind, PeerLink};
+use crate::raft::log_store::Durable;
 use crate::types::{decode, encode, Member, NodeId, TypeConfig};
 
 /// Largest gRPC message between peers: a module install (up to 32 MiB) and snapshot
@@ -87,6 +88,8 @@ pub fn is_member_removed(status: &tonic::Status) -> bool {
 pub struct Network {
     /// Set when a peer answers [`ERR_MEMBER_REMOVED`] (see `server::leave_when_removed`).
     pub removed: Arc<tokio::sync::watch::Sender<bool>>,
+    /// How far this member's raft log is synced (see [`PeerConn::append_entries`]).
+    pub durable: Durable,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -99,7 +102,12 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     /// 2 connects per read). A heartbeat does not queue behind a large AppendEntries: calls
     /// over 256 KiB go as unary calls on HTTP/2 streams of their own (see [`PeerLink`]).
     async fn new_client(&mut self, target: NodeId, node: &Member) -> Self::Network {
-        PeerConn { target, link: peer_link(&node.peer_url).map_err(|e| e.to_string()), removed: self.removed.clone() }
+        PeerConn {
+            target,
+            link: peer_link(&node.peer_url).map_err(|e| e.to_string()),
+            removed: self.removed.clone(),
+            durable: self.durable.clone(),
+        }
     }
 }
 
@@ -107,6 +115,7 @@ pub struct PeerConn {
     target: NodeId,
     link: Result<Arc<PeerLink>, String>,
     removed: Arc<tokio::sync::watch::Sender<bool>>,
+    durable: Durable,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -185,7 +194,22 @@ impl RaftNetwork<TypeConfig> for PeerConn {
             // always goes.
             return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(entries_that_fit(&rpc.entries))));
         }
-        self.call_encoded(Which::Append, data, &option).await
+        // A leader's appends may be synced after replication started ("Leader appends" in
+        // `raft::log_store`). Nothing this call tells the follower, or tells openraft
+        // back, may run ahead of this member's disk: the commit index it carries waits
+        // for the sync here, and so does the acknowledgement of entries the sync has not
+        // covered yet, so openraft counts no follower for them before the leader's own
+        // copy is safe. Without deferred appends both waits end at once.
+        let commit = rpc.leader_commit.map_or(0, |c| c.index);
+        if !self.durable.wait(commit, option.hard_ttl()).await {
+            return Err(not_synced(commit));
+        }
+        let resp = self.call_encoded(Which::Append, data, &option).await?;
+        let acked = acked_index(&rpc, &resp);
+        if !self.durable.wait(acked, option.hard_ttl()).await {
+            return Err(not_synced(acked));
+        }
+        Ok(resp)
     }
 
     async fn install_snapshot(
@@ -199,6 +223,21 @@ impl RaftNetwork<TypeConfig> for PeerConn {
     async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> Result<VoteResponse<NodeId>, RpcErr> {
         self.call(Which::Vote, &rpc, &option).await
     }
+}
+
+/// The last index a follower's answer to `rpc` tells openraft it holds (0: none).
+fn acked_index(rpc: &AppendEntriesRequest<TypeConfig>, resp: &AppendEntriesResponse<NodeId>) -> u64 {
+    let acked = match resp {
+        AppendEntriesResponse::Success => rpc.entries.last().map(|e| e.log_id).or(rpc.prev_log_id),
+        AppendEntriesResponse::PartialSuccess(upto) => *upto,
+        AppendEntriesResponse::Conflict | AppendEntriesResponse::HigherVote(_) => None,
+    };
+    acked.map_or(0, |l| l.index)
+}
+
+fn not_synced(index: u64) -> RpcErr {
+    let e = AnyError::error(format!("the local raft log was not synced up to entry {index} in time"));
+    RPCError::Network(NetworkError::new(&e))
 }
 
 /// How many of `entries` (more than one), from the first, to send in the next call: those
@@ -251,5 +290,24 @@ mod tests {
         let tight = [install(1, edge), install(2, edge)];
         assert!(tight.iter().map(|e| encode(e).len()).sum::<usize>() <= APPEND_BUDGET);
         assert_eq!(entries_that_fit(&tight), 1);
+    }
+
+    #[test]
+    fn an_ack_covers_what_the_follower_says_it_holds() {
+        let id = |i| LogId::new(CommittedLeaderId::new(1, 1), i);
+        let rpc = |prev: Option<u64>, entries: Vec<Entry>| AppendEntriesRequest::<TypeConfig> {
+            vote: openraft::Vote::new_committed(1, 1),
+            prev_log_id: prev.map(id),
+            entries,
+            leader_commit: None,
+        };
+        let with_two = rpc(Some(4), vec![install(5, 1), install(6, 1)]);
+        assert_eq!(acked_index(&with_two, &AppendEntriesResponse::Success), 6);
+        assert_eq!(acked_index(&with_two, &AppendEntriesResponse::PartialSuccess(Some(id(5)))), 5);
+        assert_eq!(acked_index(&with_two, &AppendEntriesResponse::Conflict), 0);
+        assert_eq!(acked_index(&with_two, &AppendEntriesResponse::HigherVote(openraft::Vote::new(2, 2))), 0);
+        // A heartbeat's ack vouches for the entry it matched.
+        assert_eq!(acked_index(&rpc(Some(4), vec![]), &AppendEntriesResponse::Success), 4);
+        assert_eq!(acked_index(&rpc(None, vec![]), &AppendEntriesResponse::Success), 0);
     }
 }

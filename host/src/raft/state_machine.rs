@@ -9,12 +9,14 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use anyhow::Context;
 use openraft::storage::RaftStateMachine;
 use openraft::{AnyError, EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftSnapshotBuilder, Snapshot};
 use tokio::sync::broadcast;
 
+use crate::raft::log_store::Durable;
 use crate::raft::snapshot::{self, SnapshotFile};
 use crate::storage::backup;
 use crate::lessor::{Lessor, ERR_LEASE_EXISTS, ERR_LEASE_NOT_FOUND, ERR_LEASE_TTL_TOO_LARGE, MAX_LEASE_TTL};
@@ -84,6 +86,9 @@ impl Shared {
 #[derive(Clone)]
 pub struct StateMachineStore {
     shared: Arc<Shared>,
+    /// How far the raft log is synced: no entry is applied before (see
+    /// [`StateMachineStore::apply_only_synced`]).
+    synced: Option<Durable>,
 }
 
 fn sm_err(verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError {
@@ -167,7 +172,16 @@ impl StateMachineStore {
                 snapshot_files: Default::default(),
                 commands_in_flight: AtomicUsize::new(0),
             }),
+            synced: None,
         })
+    }
+
+    /// Applies no entry before the raft log has it on disk. A leader may report its own
+    /// appends flushed before they are ("Leader appends" in `raft::log_store`); with other
+    /// voters, a commit already waited for the sync, but a lone voter commits on its own
+    /// report, and its clients must not see a write that a power cut could take back.
+    pub fn apply_only_synced(&mut self, durable: Durable) {
+        self.synced = Some(durable);
     }
 
     pub fn shared(&self) -> Arc<Shared> {
@@ -455,6 +469,15 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
+        if let (Some(synced), Some(last)) = (&self.synced, entries.last()) {
+            let index = last.log_id.index;
+            while !synced.wait(index, Duration::from_secs(10)).await {
+                if synced.closed() {
+                    return Err(sm_err(ErrorVerb::Write, "the raft log was closed before it synced the entries to apply"));
+                }
+                tracing::warn!(index, "applying waits for the raft log to sync");
+            }
+        }
         if self.applies_quickly(&entries) {
             return self.apply_entries(entries).map_err(|e| sm_err(ErrorVerb::Write, e));
         }
@@ -771,5 +794,22 @@ mod tests {
         let mut left: Vec<_> = std::fs::read_dir(sm.snapshot_dir()).unwrap().map(|e| e.unwrap().file_name()).collect();
         left.sort();
         assert_eq!(left, [format!("{}.data", rebuilt.meta.snapshot_id).into(), std::ffi::OsString::from("current.meta")]);
+    }
+
+    #[tokio::test]
+    async fn nothing_is_applied_before_the_log_has_it_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = StateMachineStore::open(dir.path()).unwrap();
+        let (synced, durable) = tokio::sync::watch::channel(1);
+        sm.apply_only_synced(Durable::from_watch(durable));
+        let entries = vec![Entry { log_id: log_id(1, 2), payload: EntryPayload::Blank }];
+        {
+            let mut apply = std::pin::pin!(sm.apply(entries));
+            // Entry 2 is committed (a lone voter's deferred append) but not synced yet.
+            assert!(futures::poll!(apply.as_mut()).is_pending(), "applied an entry the log has not synced");
+            synced.send_replace(2);
+            apply.await.unwrap();
+        }
+        assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(1, 2)));
     }
 }
