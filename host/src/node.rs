@@ -7,7 +7,7 @@
 //!   until it has applied up to the leader's commit index).
 //! - [`Node::query`] runs a machine's read-only `query` on local state.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -143,8 +143,56 @@ const INLINE_QUERY_FUEL: u64 = 1_000_000;
 /// arrived while the previous batches were in flight as one `Request::Batch`: on the
 /// leader as one log entry, on a follower as one forward to the leader (which proposes
 /// it as one entry).
+///
+/// A command that finds nothing in flight and nothing queued goes out at once from the
+/// caller's task (see [`Node::submit`]): the batcher would send it alone anyway, and
+/// skipping its task and the batch's task saves two task wake-ups each way, which is
+/// most of what a lone client waits for besides the fsync.
 #[derive(Default)]
-pub struct Batcher(Inbox<Pending>);
+pub struct Batcher {
+    inbox: Inbox<Pending>,
+    gate: Arc<BatchGate>,
+}
+
+/// What the batcher task and the callers that skip it share: the batches in flight and
+/// the commands queued.
+struct BatchGate {
+    /// One permit per batch in flight ([`BATCHES_IN_FLIGHT`]). The batcher task takes one
+    /// before it waits for commands, so while it idles the other permits are free.
+    slots: Arc<tokio::sync::Semaphore>,
+    /// Commands sent to the batcher task and not yet taken by it.
+    queued: AtomicUsize,
+}
+
+impl Default for BatchGate {
+    fn default() -> Self {
+        Self { slots: Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT)), queued: AtomicUsize::new(0) }
+    }
+}
+
+impl BatchGate {
+    /// A batch slot for a command to go out alone at once: only when no command waits
+    /// for the batcher (it would go first) and a slot is free.
+    fn direct(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        if self.queued.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        self.slots.clone().try_acquire_owned().ok()
+    }
+
+    /// The slot of the batcher task's next batch.
+    async fn slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.slots.clone().acquire_owned().await.ok()
+    }
+
+    fn queue(&self) {
+        self.queued.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn take(&self) {
+        self.queued.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 fn payload_len(r: &Request) -> usize {
     match r {
@@ -162,15 +210,17 @@ fn command_count(r: &Request) -> usize {
     }
 }
 
-async fn run_batcher(node: std::sync::Weak<Node>, mut rx: tokio::sync::mpsc::UnboundedReceiver<Pending>) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+async fn run_batcher(node: std::sync::Weak<Node>, gate: Arc<BatchGate>, mut rx: tokio::sync::mpsc::UnboundedReceiver<Pending>) {
     let mut carry: Option<Pending> = None;
     loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        let Some(slot) = gate.slot().await else { return };
         let first = match carry.take() {
             Some(p) => p,
             None => match rx.recv().await {
-                Some(p) => p,
+                Some(p) => {
+                    gate.take();
+                    p
+                }
                 None => return,
             },
         };
@@ -179,6 +229,7 @@ async fn run_batcher(node: std::sync::Weak<Node>, mut rx: tokio::sync::mpsc::Unb
         let mut batch = vec![first];
         while commands < BATCH_MAX_REQUESTS {
             let Ok(next) = rx.try_recv() else { break };
+            gate.take();
             bytes += payload_len(&next.0);
             commands += command_count(&next.0);
             if bytes > BATCH_MAX_BYTES || commands > BATCH_MAX_REQUESTS {
@@ -330,7 +381,7 @@ impl Node {
     /// Start gathering concurrent commands and read barriers into batches and tracking the
     /// leader lease (once, when the node is shared).
     pub fn start_tasks(self: &Arc<Self>) {
-        tokio::spawn(run_batcher(Arc::downgrade(self), self.batcher.0.take_receiver()));
+        tokio::spawn(run_batcher(Arc::downgrade(self), self.batcher.gate.clone(), self.batcher.inbox.take_receiver()));
         tokio::spawn(run_read_batcher(Arc::downgrade(self), self.read_batcher.take_receiver()));
         tokio::spawn(crate::raft::lease::watch(self.id, Arc::downgrade(&self.lease), self.raft.metrics()));
     }
@@ -384,10 +435,18 @@ impl Node {
         }
     }
 
-    /// Hand a `Call` to the batcher and wait for its outcome.
+    /// Hand a `Call` to the batcher and wait for its outcome; with nothing in flight and
+    /// nothing queued, send it right away as a batch of one (see [`Batcher`]).
     async fn submit(&self, req: Request) -> ForwardReply {
+        if let Some(slot) = self.batcher.gate.direct() {
+            let reply = self.send_to_leader(req).await;
+            drop(slot);
+            return reply;
+        }
         let (tx, rx) = tokio::sync::oneshot::channel();
-        if self.batcher.0.tx.send((req, tx)).is_err() {
+        self.batcher.gate.queue();
+        if self.batcher.inbox.tx.send((req, tx)).is_err() {
+            self.batcher.gate.take();
             return ForwardReply::Failed(NodeError::Internal("the proposal batcher has stopped".into()));
         }
         rx.await.unwrap_or_else(|_| ForwardReply::Failed(NodeError::Internal("the proposal batcher dropped a command".into())))
@@ -771,5 +830,31 @@ impl RaftPeer for PeerService {
             // The reply stream ends once the calls still running have answered.
         });
         Ok(tonic::Response::new(UnboundedReceiverStream::new(rx)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_command_skips_the_batcher_only_when_nothing_is_in_flight_or_queued() {
+        let gate = BatchGate::default();
+        // The batcher task idles holding the slot of its next batch.
+        let batcher_slot = gate.slot().await.expect("open");
+        let lone = gate.direct().expect("nothing in flight: the command goes at once");
+        // With that one in flight, a second concurrent command waits for the batcher.
+        assert!(gate.direct().is_none(), "a batch slot beyond BATCHES_IN_FLIGHT");
+        drop(lone);
+        // A command already queued goes first: nobody overtakes it.
+        gate.queue();
+        assert!(gate.direct().is_none(), "overtook a queued command");
+        gate.take();
+        assert!(gate.direct().is_some());
+        // The batcher's own batches count against the same slots.
+        let _in_flight = batcher_slot;
+        let _next = gate.direct().expect("one slot left");
+        assert!(gate.direct().is_none());
+        assert_eq!(gate.slots.available_permits(), 0);
     }
 }
