@@ -24,6 +24,13 @@ fn put_command(i: usize) -> Vec<u8> {
     b
 }
 
+/// The next `BATCH` put commands from command number `*next` on.
+fn next_batch(next: &mut usize) -> Vec<Vec<u8>> {
+    let cmds = (0..BATCH).map(|k| put_command(*next + k)).collect();
+    *next += BATCH;
+    cmds
+}
+
 /// Applies `cmds` as one batch, as the state-machine driver does; `index` is the last
 /// log index applied so far.
 fn apply_batch(rt: &Runtime, db: &Arc<StateDb>, index: &mut u64, cmds: &[Vec<u8>]) -> PendingBatch {
@@ -58,11 +65,7 @@ fn apply_puts(c: &mut Criterion) {
     group.throughput(Throughput::Elements(BATCH as u64));
     group.bench_function("kv-mvcc put, 256 B values, batches of 256", |b| {
         b.iter_batched(
-            || {
-                let cmds: Vec<_> = (0..BATCH).map(|k| put_command(next + k)).collect();
-                next += BATCH;
-                cmds
-            },
+            || next_batch(&mut next),
             |cmds| db.commit(apply_batch(&rt, &db, &mut index, &cmds)).unwrap(),
             BatchSize::SmallInput,
         )
@@ -71,17 +74,12 @@ fn apply_puts(c: &mut Criterion) {
     // and the store's reads cost without the RocksDB write. The store holds every key of
     // the key space first, so each put updates one, as in the steady state above.
     while next < KEY_SPACE {
-        let cmds: Vec<_> = (0..BATCH).map(|k| put_command(next + k)).collect();
-        next += BATCH;
+        let cmds = next_batch(&mut next);
         db.commit(apply_batch(&rt, &db, &mut index, &cmds)).unwrap();
     }
     group.bench_function("kv-mvcc put, 256 B values, batches of 256, not committed", |b| {
         b.iter_batched(
-            || {
-                let cmds: Vec<_> = (0..BATCH).map(|k| put_command(next + k)).collect();
-                next += BATCH;
-                cmds
-            },
+            || next_batch(&mut next),
             |cmds| apply_batch(&rt, &db, &mut index, &cmds),
             BatchSize::SmallInput,
         )
