@@ -145,7 +145,7 @@ const INLINE_QUERY_FUEL: u64 = 1_000_000;
 /// it as one entry).
 ///
 /// A command that finds nothing in flight and nothing queued goes out at once from the
-/// caller's task (see [`Node::submit`]): the batcher would send it alone anyway, and
+/// caller's task (`Node::submit`): the batcher would send it alone anyway, and
 /// skipping its task and the batch's task saves two task wake-ups each way, which is
 /// most of what a lone client waits for besides the fsync.
 #[derive(Default)]

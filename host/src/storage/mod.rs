@@ -108,7 +108,7 @@ impl StateDb {
         data_opts.set_memtable_prefix_bloom_ratio(0.1);
         // Smaller memtables than RocksDB's 64 MiB: each put inserts three records at
         // random places in it, and a shallower skiplist that stays closer in cache costs
-        // less per insert. Measured (session 15): apply bench 66–70k → 73–77k puts/s;
+        // less per insert. Measured (session 15): apply bench 66–71k → 73–77k puts/s;
         // put, 1 node, 128 clients, 100,000 keys: 21.8–22.7k → 23.1–23.7k ops/s.
         data_opts.set_write_buffer_size(16 << 20);
         let cfs = [
