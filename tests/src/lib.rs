@@ -269,23 +269,17 @@ pub fn run_raftvm<S: AsRef<str>>(args: &[S]) -> CmdOutput {
 }
 
 /// How long the harness lets a client command run: [`CLIENT_HARD_TIMEOUT`], or longer when
-/// ARGS give a longer `--command-timeout` (`=Ns`/`=Nm`, or as the next argument), so that
-/// a test asking a slow install to wait five minutes is not killed after thirty seconds.
+/// ARGS give a longer `--command-timeout` (`=D` or as the next argument, read as the CLI
+/// reads it, with `humantime`), so that a test asking a slow install to wait five minutes
+/// is not killed after thirty seconds.
 fn hard_timeout(args: &[&str]) -> Duration {
     let value = args.iter().enumerate().find_map(|(i, a)| match a.strip_prefix("--command-timeout") {
         Some("") => args.get(i + 1).copied(),
         Some(v) => v.strip_prefix('='),
         None => None,
     });
-    let asked = value.and_then(|v| {
-        let secs = |n: &str| n.parse::<u64>().ok();
-        match (v.strip_suffix('s'), v.strip_suffix('m')) {
-            (Some(n), _) => secs(n),
-            (_, Some(n)) => secs(n).map(|m| m * 60),
-            _ => None,
-        }
-    });
-    asked.map_or(CLIENT_HARD_TIMEOUT, |s| CLIENT_HARD_TIMEOUT.max(Duration::from_secs(s + 10)))
+    let asked = value.and_then(|v| humantime::parse_duration(v).ok());
+    asked.map_or(CLIENT_HARD_TIMEOUT, |d| CLIENT_HARD_TIMEOUT.max(d + Duration::from_secs(10)))
 }
 
 /// Runs `bin ARGS...` (shown as `name ...`) with extra environment and, if given,
