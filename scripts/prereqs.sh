@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# Install the Debian packages raftvm needs. Usage: scripts/prereqs.sh run|test
-#   run : what building and running the server needs (libclang for bindgen, RocksDB).
+# Install the Debian packages raftvm needs, then build RocksDB if this machine has not yet.
+# Usage: scripts/prereqs.sh run|test
+#   run : what building and running the server needs (libclang for bindgen; a C++ compiler,
+#         make and snappy for RocksDB, see scripts/rocksdb.sh).
 #   test: also the Wasm guest toolchain and a real etcd for differential tests.
 set -euo pipefail
 mode=${1:-run}
-pkgs=(clang libclang-dev librocksdb-dev pkg-config)
+pkgs=(clang libclang-dev g++ make libsnappy-dev pkg-config)
 if [ "$mode" = test ]; then
   # protobuf-compiler: the etcd-client crate (used by tests) compiles its protos with protoc;
   # libprotobuf-dev has the well-known types they import (google/protobuf/descriptor.proto),
   # which protoc only recommends, and recommends are not installed here.
-  pkgs+=(rustc-web rust-web-src lld-16 clang-16 make etcd-server etcd-client protobuf-compiler libprotobuf-dev python3-pip)
+  pkgs+=(rustc-web rust-web-src lld-16 clang-16 etcd-server etcd-client protobuf-compiler libprotobuf-dev python3-pip)
 fi
 missing=()
 for p in "${pkgs[@]}"; do
@@ -31,3 +33,4 @@ if ! command -v cargo >/dev/null; then
   echo "cargo not found: install Rust with rustup (https://rustup.rs) first" >&2
   exit 1
 fi
+bash scripts/rocksdb.sh
