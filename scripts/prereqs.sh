@@ -33,4 +33,4 @@ if ! command -v cargo >/dev/null; then
   echo "cargo not found: install Rust with rustup (https://rustup.rs) first" >&2
   exit 1
 fi
-bash scripts/rocksdb.sh
+bash "$(dirname "$0")/rocksdb.sh"
