@@ -11,6 +11,10 @@ use raftvm::runtime::{ApplyContext, Runtime, DEFAULT_FUEL, DEFAULT_MEMORY_BYTES}
 use raftvm::server::DEFAULT_KV_MODULE;
 use raftvm::storage::{ModuleRecord, PendingBatch, StateDb};
 
+// The server's allocator (src/main.rs), so the bench measures what a node runs.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const BATCH: usize = 256;
 const KEY_SPACE: usize = 100_000;
 

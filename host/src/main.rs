@@ -2,6 +2,11 @@ use clap::Parser;
 use raftvm::cli::{run_client, Cli, Command};
 use raftvm::server::Server;
 
+// mimalloc instead of glibc's malloc: the server allocates and frees small buffers on every
+// request (h2 frames, prost messages, command and response bytes) from several threads.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
