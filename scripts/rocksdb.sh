@@ -39,9 +39,15 @@ export ROCKSDB_DISABLE_GFLAGS=1 ROCKSDB_DISABLE_ZLIB=1 ROCKSDB_DISABLE_BZIP=1 \
   ROCKSDB_DISABLE_LIBURING=1 ROCKSDB_DISABLE_BENCHMARK=1 ROCKSDB_DISABLE_BACKTRACE=1
 # DEBUG_LEVEL=0: -O2 -DNDEBUG. PORTABLE=1: no -march=native; USE_SSE adds SSE4.2, PCLMUL,
 # AVX2, BMI and LZCNT without checking the CPU has them, so env.sh asks only where it does.
-make -C "$build" -j"$(nproc)" static_lib DEBUG_LEVEL=0 PORTABLE=1 USE_RTTI=1 \
-  ${RAFTVM_ROCKSDB_SSE:+USE_SSE=1} >"$build.log" 2>&1 ||
+# USE_SSE must be in the environment: the Makefile passes only some of its own variables
+# on to build_detect_platform, which reads it (a make variable was silently ignored).
+USE_SSE=${RAFTVM_ROCKSDB_SSE:-} make -C "$build" -j"$(nproc)" static_lib DEBUG_LEVEL=0 \
+  PORTABLE=1 USE_RTTI=1 >"$build.log" 2>&1 ||
   { tail -30 "$build.log" >&2; echo "rocksdb.sh: build failed, log in $build.log" >&2; exit 1; }
+if [ -n "${RAFTVM_ROCKSDB_SSE:-}" ] && ! grep -q -- '-DHAVE_SSE42 .*-DHAVE_PCLMUL' "$build/make_config.mk"; then
+  echo "rocksdb.sh: USE_SSE was asked for but RocksDB's build did not take it ($build/make_config.mk)" >&2
+  exit 1
+fi
 mkdir -p "$RAFTVM_ROCKSDB/lib"
 # Symbols stay (profiles need them); the debug info would make the archive 850 MB.
 strip --strip-debug -o "$lib.tmp" "$build/librocksdb.a"
