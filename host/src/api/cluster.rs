@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use openraft::error::{ClientWriteError, RaftError};
-use openraft::ChangeMembers;
+use openraft::{ChangeMembers, Membership};
 use sha2::{Digest, Sha256};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
@@ -20,6 +20,9 @@ use crate::proto::etcdserverpb::cluster_client::ClusterClient;
 use crate::proto::etcdserverpb::cluster_server::Cluster;
 use crate::proto::etcdserverpb::*;
 use crate::types::Member as RaftMember;
+
+/// A Raft configuration: the members' ids, names and peer URLs, and which vote.
+type Config = Membership<u64, RaftMember>;
 
 pub struct ClusterService {
     pub node: Arc<Node>,
@@ -43,8 +46,8 @@ impl ClusterService {
     /// Every member of the current configuration, voters and learners, in id order, with
     /// the name and peer URL it joined with and the client URLs it published (none until
     /// it has: etcd lists a member that never started the same way).
-    fn members(&self) -> Result<Vec<Member>, Status> {
-        let (nodes, voters) = self.current_nodes();
+    fn members(&self, config: &Config) -> Result<Vec<Member>, Status> {
+        let (nodes, voters) = nodes_and_voters(config);
         let attrs = self.published()?;
         Ok(nodes
             .into_iter()
@@ -128,14 +131,19 @@ impl ClusterService {
     }
 
     /// Run a membership change on this member, the leader, and wait for it to commit.
-    async fn change(&self, change: ChangeMembers<u64, RaftMember>) -> Result<(), Status> {
+    /// Run `change` to its final configuration and return that configuration: what the
+    /// answer lists. (The metrics' configuration may not show it yet when the change
+    /// returns: openraft publishes them on its own schedule.)
+    async fn change(&self, change: ChangeMembers<u64, RaftMember>) -> Result<Config, Status> {
         // Counted in flight, so a leader removing itself answers before it stops.
         let _in_flight = InFlight::new(&self.node.shared.commands_in_flight, 1);
         match tokio::time::timeout(CHANGE_TIMEOUT, self.node.raft.change_membership(change, false)).await {
             Err(_) => Err(node_status(NodeError::Timeout)),
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Err(node_status(NodeError::LeaderChanged)),
             Ok(Err(e)) => Err(Status::failed_precondition(format!("etcdserver: {e}"))),
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(resp)) => resp
+                .membership
+                .ok_or_else(|| Status::internal("raftvm: a membership change committed no configuration")),
         }
     }
 
@@ -165,18 +173,21 @@ impl ClusterService {
             .expect("an unused id")
     }
 
-    /// The header and member list every answer of this service carries.
-    async fn listing(&self) -> Result<(Option<ResponseHeader>, Vec<Member>), Status> {
-        let members = self.members()?;
+    /// The header and member list (of `config`) every answer of this service carries.
+    async fn listing(&self, config: &Config) -> Result<(Option<ResponseHeader>, Vec<Member>), Status> {
+        let members = self.members(config)?;
         let revision = kv_revision(&self.node).await;
         Ok((Some(header(&self.node, revision)), members))
     }
 
+    /// The configuration this member knows of (as its metrics last published it).
+    fn current_config(&self) -> Config {
+        self.node.raft.metrics().borrow().membership_config.membership().clone()
+    }
+
     /// The current configuration's members (in id order) and its voters.
     fn current_nodes(&self) -> (BTreeMap<u64, RaftMember>, BTreeSet<u64>) {
-        let config = self.node.raft.metrics().borrow().membership_config.clone();
-        let m = config.membership();
-        (m.nodes().map(|(id, n)| (*id, n.clone())).collect(), m.voter_ids().collect())
+        nodes_and_voters(&self.current_config())
     }
 }
 
@@ -207,7 +218,7 @@ fn forwarded<T>(msg: T) -> Request<T> {
 #[tonic::async_trait]
 impl Cluster for ClusterService {
     async fn member_list(&self, _req: Request<MemberListRequest>) -> Result<Response<MemberListResponse>, Status> {
-        let (header, members) = self.listing().await?;
+        let (header, members) = self.listing(&self.current_config()).await?;
         Ok(Response::new(MemberListResponse { header, members }))
     }
 
@@ -233,9 +244,9 @@ impl Cluster for ClusterService {
         } else {
             ChangeMembers::AddVoters([(id, node)].into())
         };
-        self.change(change).await?;
+        let config = self.change(change).await?;
         let member = Member { id, name: String::new(), peer_ur_ls: vec![url], client_ur_ls: vec![], is_learner: req.is_learner };
-        let (header, members) = self.listing().await?;
+        let (header, members) = self.listing(&config).await?;
         Ok(Response::new(MemberAddResponse { header, member: Some(member), members }))
     }
 
@@ -259,8 +270,8 @@ impl Cluster for ClusterService {
             ChangeMembers::RemoveVoters([id].into())
         };
         tracing::info!(member = format!("{id:x}"), "removing a member");
-        self.change(change).await?;
-        let (header, members) = self.listing().await?;
+        let config = self.change(change).await?;
+        let (header, members) = self.listing(&config).await?;
         Ok(Response::new(MemberRemoveResponse { header, members }))
     }
 
@@ -275,12 +286,14 @@ impl Cluster for ClusterService {
         if nodes.iter().any(|(id, m)| *id != req.id && m.peer_url == url) {
             return Err(Status::failed_precondition(ERR_PEER_URL_EXISTS));
         }
-        if current.peer_url != url {
+        let config = if current.peer_url != url {
             tracing::info!(member = format!("{:x}", req.id), %url, "updating a member's peer URL");
             let node = RaftMember { name: current.name.clone(), peer_url: url };
-            self.change(ChangeMembers::SetNodes([(req.id, node)].into())).await?;
-        }
-        let (header, members) = self.listing().await?;
+            self.change(ChangeMembers::SetNodes([(req.id, node)].into())).await?
+        } else {
+            self.current_config()
+        };
+        let (header, members) = self.listing(&config).await?;
         Ok(Response::new(MemberUpdateResponse { header, members }))
     }
 
@@ -306,10 +319,15 @@ impl Cluster for ClusterService {
         }
         self.check_started_quorum(&voters, VoterChange::Promote)?;
         tracing::info!(member = format!("{id:x}"), "promoting a learner");
-        self.change(ChangeMembers::AddVoterIds([id].into())).await?;
-        let (header, members) = self.listing().await?;
+        let config = self.change(ChangeMembers::AddVoterIds([id].into())).await?;
+        let (header, members) = self.listing(&config).await?;
         Ok(Response::new(MemberPromoteResponse { header, members }))
     }
+}
+
+/// `config`'s members (in id order) and its voters.
+fn nodes_and_voters(config: &Config) -> (BTreeMap<u64, RaftMember>, BTreeSet<u64>) {
+    (config.nodes().map(|(id, n)| (*id, n.clone())).collect(), config.voter_ids().collect())
 }
 
 /// A change to the voters, as the strict reconfiguration check counts it.
