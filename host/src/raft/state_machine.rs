@@ -576,7 +576,9 @@ impl StateMachineStore {
 
     fn build(&self) -> anyhow::Result<Snapshot<TypeConfig>> {
         let db = self.shared.db();
-        db.flush()?;
+        // The checkpoint flushes the live store first, all column families at once: once
+        // openraft purges the log up to this snapshot, the store on disk is at least as far
+        // (applied batches have no WAL of their own, see `storage`).
         let dir = self.snapshot_dir();
         // The archive streams to a file beside where it will live: no copy of the state
         // in memory, and publishing it is a rename.

@@ -253,8 +253,8 @@ pub fn restore(path: &Path, cfg: &ServeConfig, skip_hash: bool) -> Result<Restor
         for id in db.member_attrs()?.into_keys() {
             batch.remove_member_attrs(id);
         }
-        db.commit(batch)?;
-        db.flush()?;
+        // No log replays this batch: it must be on disk before the directory is in place.
+        db.commit_durable(batch)?;
         drop(db);
         crate::raft::state_machine::write_atomic(&root.join("CURRENT"), current.as_bytes())?;
         if let Some(parent) = data_dir.parent().filter(|p| !p.as_os_str().is_empty()) {
