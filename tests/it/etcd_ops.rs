@@ -85,18 +85,25 @@ fn revision_auto_compaction_keeps_the_last_n_revisions() {
     assert_eq!(etcdctl(&ep, &["get", "k", "--print-value-only"], "").ok(), "v19");
 }
 
+/// Puts `keys` keys named `prefix` and a number through `raftvm bench` on node 0
+/// (8-byte values, 32 clients on 4 connections) and checks that every put succeeded.
+fn bench_puts(c: &Cluster, keys: usize, prefix: &str) {
+    let total = keys.to_string();
+    let load = c.raftvm(
+        0,
+        &["bench", "put", "--total", &total, "--clients", "32", "--conns", "4", "--key-space", &total, "--sequential-keys",
+          "--key-prefix", prefix, "--val-size", "8", "--json"],
+    );
+    let report: serde_json::Value = serde_json::from_str(load.ok()).expect("bench json");
+    assert_eq!(report["errors"].as_u64(), Some(0), "{report}");
+}
+
 /// Puts `keys` keys through `raftvm bench` (8-byte values), deletes them all in one
 /// revision, puts `live` = 1, and returns the revision of that put.
 fn deleted_history_then_live(c: &Cluster, keys: usize) -> i64 {
     let ep = c.endpoint(0);
-    let total = keys.to_string();
-    let load = c.raftvm(
-        0,
-        &["bench", "put", "--total", &total, "--clients", "32", "--conns", "4", "--key-space", &total, "--sequential-keys", "--val-size", "8", "--json"],
-    );
-    let report: serde_json::Value = serde_json::from_str(load.ok()).expect("bench json");
-    assert_eq!(report["errors"].as_u64(), Some(0), "{report}");
-    assert_eq!(etcdctl(&ep, &["del", "", "--prefix"], "").ok(), total);
+    bench_puts(c, keys, "raftvm-bench/");
+    assert_eq!(etcdctl(&ep, &["del", "", "--prefix"], "").ok(), keys.to_string());
     assert_eq!(etcdctl(&ep, &["put", "live", "1"], "").ok(), "OK");
     let head = etcdctl(&ep, &["get", "live", "-w", "json"], "");
     let head: serde_json::Value = serde_json::from_str(head.ok()).expect("json");
@@ -539,21 +546,11 @@ fn a_killed_node_applies_its_unflushed_log_again() {
     let c = Cluster::builder(1).start();
     wait_kv_module(&c, 0, Duration::from_secs(20));
     let ep = c.endpoint(0);
-    let put = |prefix: &str| {
-        let total = HALF.to_string();
-        let out = c.raftvm(
-            0,
-            &["bench", "put", "--total", &total, "--clients", "16", "--key-space", &total, "--sequential-keys",
-              "--key-prefix", prefix, "--val-size", "8", "--json"],
-        );
-        let report: serde_json::Value = serde_json::from_str(out.ok()).expect("bench json");
-        assert_eq!(report["errors"].as_u64(), Some(0), "{report}");
-    };
-    put("a/");
+    bench_puts(&c, HALF, "a/");
     let file = c.dir().join("mid.db");
     let saved = etcdctl(&ep, &["snapshot", "save", file.to_str().expect("utf-8 path")], "");
     assert!(saved.success(), "{saved:?}");
-    put("b/");
+    bench_puts(&c, HALF, "b/");
     let before = count_and_revision(&ep).expect("count before the kill");
     assert_eq!(before.0, 2 * HALF as u64, "{before:?}");
     let hash_before = c.hash(0).expect("hash before the kill");
