@@ -543,8 +543,7 @@ fn count_and_revision(ep: &str) -> Result<(u64, i64), String> {
 #[test]
 fn a_killed_node_applies_its_unflushed_log_again() {
     const HALF: usize = 1_500;
-    let c = Cluster::builder(1).start();
-    wait_kv_module(&c, 0, Duration::from_secs(20));
+    let c = raftvm_tests::etcd::start_kv_cluster(1);
     let ep = c.endpoint(0);
     bench_puts(&c, HALF, "a/");
     let file = c.dir().join("mid.db");
